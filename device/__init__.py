@@ -1,0 +1,1 @@
+"""mgpu: a mediated GPU emulator for QEMU, served over vfio-user in pure Python."""

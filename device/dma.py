@@ -1,0 +1,152 @@
+"""The DMA map table of one client session: guest memory the device may access.
+
+Ranges come from DMA_MAP.  A range sent with an fd is mmapped here and read and
+written directly; one without an fd (ROM, the device's own BARs, RAM that is not
+fd-backed) is only recorded, and accesses to it must go over the socket as
+DMA_READ/DMA_WRITE messages (a later layer).  Ranges never overlap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+from .protocol.constants import DmaMapFlags, DmaUnmapFlags
+from .protocol.errors import VfioUserError
+from .protocol.messages import DmaMap, DmaUnmap
+
+PAGE_SIZE = 4096
+MAX_DMA_MAPS = 65535
+
+
+@dataclass
+class DmaRegion:
+    address: int
+    size: int
+    flags: int
+    file_offset: int
+    mapping: mmap.mmap | None
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & DmaMapFlags.READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & DmaMapFlags.WRITE)
+
+    def close(self) -> None:
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:
+                # A numpy view still exports the buffer; the mmap goes with its last user.
+                pass
+            self.mapping = None
+
+
+class DmaTable:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: list[int] = []
+        self._regions: list[DmaRegion] = []
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    @property
+    def regions(self) -> list[DmaRegion]:
+        with self._lock:
+            return list(self._regions)
+
+    def map(self, request: DmaMap) -> DmaRegion:
+        """Record (and mmap, when it has an fd) a range.  Takes ownership of the fd."""
+        try:
+            return self._map(request)
+        finally:
+            if request.fd is not None:
+                os.close(request.fd)
+
+    def _map(self, request: DmaMap) -> DmaRegion:
+        if request.size == 0 or request.address % PAGE_SIZE or request.size % PAGE_SIZE:
+            raise VfioUserError(errno.EINVAL, "DMA range must be non-empty and page aligned")
+        if request.address + request.size > 1 << 64:
+            raise VfioUserError(errno.EINVAL, "DMA range wraps the address space")
+        if request.flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE):
+            raise VfioUserError(errno.EINVAL, f"unknown DMA_MAP flags {request.flags:#x}")
+        mapping = None
+        if request.fd is not None:
+            if request.offset % PAGE_SIZE:
+                raise VfioUserError(errno.EINVAL, "DMA file offset is not page aligned")
+            prot = 0
+            if request.flags & DmaMapFlags.READ:
+                prot |= mmap.PROT_READ
+            if request.flags & DmaMapFlags.WRITE:
+                prot |= mmap.PROT_WRITE
+            try:
+                mapping = mmap.mmap(
+                    request.fd, request.size, mmap.MAP_SHARED, prot or mmap.PROT_READ,
+                    offset=request.offset,
+                )
+            except (OSError, ValueError, OverflowError) as exc:
+                raise VfioUserError(errno.EINVAL, f"cannot mmap DMA fd: {exc}") from None
+        region = DmaRegion(request.address, request.size, request.flags, request.offset, mapping)
+        with self._lock:
+            if len(self._regions) >= MAX_DMA_MAPS:
+                region.close()
+                raise VfioUserError(errno.ENOSPC, "too many DMA mappings")
+            i = bisect.bisect_left(self._starts, region.address)
+            overlaps_next = i < len(self._regions) and self._regions[i].address < region.end
+            overlaps_prev = i > 0 and self._regions[i - 1].end > region.address
+            if overlaps_next or overlaps_prev:
+                region.close()
+                raise VfioUserError(errno.EEXIST, "DMA range overlaps an existing mapping")
+            self._starts.insert(i, region.address)
+            self._regions.insert(i, region)
+        return region
+
+    def unmap(self, request: DmaUnmap) -> None:
+        if request.flags & DmaUnmapFlags.GET_DIRTY_BITMAP:
+            raise VfioUserError(errno.ENOTSUP, "dirty page tracking is not supported")
+        if request.flags & ~(DmaUnmapFlags.ALL | DmaUnmapFlags.GET_DIRTY_BITMAP):
+            raise VfioUserError(errno.EINVAL, f"unknown DMA_UNMAP flags {request.flags:#x}")
+        if request.flags & DmaUnmapFlags.ALL:
+            if request.address or request.size:
+                raise VfioUserError(errno.EINVAL, "unmap-all needs address and size 0")
+            self.clear()
+            return
+        with self._lock:
+            i = bisect.bisect_left(self._starts, request.address)
+            if (
+                i == len(self._regions)
+                or self._regions[i].address != request.address
+                or self._regions[i].size != request.size
+            ):
+                raise VfioUserError(errno.ENOENT, "no DMA mapping with that address and size")
+            del self._starts[i]
+            region = self._regions.pop(i)
+        region.close()
+
+    def clear(self) -> None:
+        with self._lock:
+            regions, self._regions, self._starts = self._regions, [], []
+        for region in regions:
+            region.close()
+
+    def find(self, address: int, length: int) -> DmaRegion:
+        """The region that wholly contains [address, address+length)."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, address) - 1
+            if i >= 0:
+                region = self._regions[i]
+                if address + length <= region.end:
+                    return region
+        raise VfioUserError(errno.EFAULT, f"guest address {address:#x}+{length:#x} is not mapped")

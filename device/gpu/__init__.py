@@ -1,0 +1,1 @@
+"""The emulated GPU: register map and the per-VM GPU instance device model."""

@@ -1,0 +1,1 @@
+"""PCI building blocks: config space with capabilities and BAR emulation."""

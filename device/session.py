@@ -1,0 +1,261 @@
+"""One client's vfio-user session and the dispatcher that answers its messages.
+
+Theory of operation.  A session starts un-negotiated: the only command accepted is
+VERSION.  After it, every command is decoded into its typed message and handed to
+the device model.  Whatever goes wrong while handling one message (a malformed
+payload, a device refusal, a bug) becomes an errno reply to that message, and the
+session goes on; only a broken byte stream (``FramingError``) ends it.  A message
+flagged No_reply is never answered, not even with an error, because QEMU does not
+expect one and an unexpected reply desynchronises its stream.  File descriptors that
+come with a message are closed unless a handler took them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .dma import DmaTable
+from .irq import IrqLines
+from .protocol import messages as m
+from .protocol.codec import Frame, close_fds
+from .protocol.constants import PROTOCOL_MAJOR, PROTOCOL_MINOR, Command
+from .protocol.errors import ProtocolError, UnsupportedCommand, VfioUserError
+
+log = logging.getLogger(__name__)
+
+SERVER_MAX_DATA_XFER = 1024 * 1024
+SERVER_MAX_MSG_FDS = 16
+# QEMU's VERSION receive buffer is its own request: a reply must never be longer.
+SERVER_CAPABILITIES: dict[str, object] = {
+    "max_msg_fds": SERVER_MAX_MSG_FDS,
+    "max_data_xfer_size": SERVER_MAX_DATA_XFER,
+    "pgsizes": 4096,
+    "max_dma_maps": 65535,
+}
+
+
+class DeviceModel(Protocol):
+    """What a session needs from the device it serves."""
+
+    def connect(self, dma: DmaTable, irqs: IrqLines) -> None: ...
+    def disconnect(self) -> None: ...
+    def device_info(self) -> m.DeviceInfo: ...
+    def region_info(self, index: int) -> tuple[m.RegionInfo, int | None]: ...
+    def irq_infos(self) -> list[m.IrqInfo]: ...
+    def region_read(self, index: int, offset: int, count: int) -> bytes: ...
+    def region_write(self, index: int, offset: int, data: bytes) -> None: ...
+    def reset(self) -> None: ...
+
+
+@dataclass
+class Reply:
+    payload: bytes = b""
+    fds: tuple[int, ...] = ()
+
+
+@dataclass
+class Incoming:
+    """A frame being handled; a handler that keeps the fds calls ``take_fds``."""
+
+    frame: Frame
+    fds_taken: bool = False
+
+    def take_fds(self) -> tuple[int, ...]:
+        self.fds_taken = True
+        return self.frame.fds
+
+
+@dataclass
+class Outgoing:
+    """An encoded message ready for the transport."""
+
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+
+class Session:
+    def __init__(self, device: DeviceModel) -> None:
+        self.device = device
+        self.negotiated = False
+        self.client_capabilities: dict[str, object] = {}
+        self.max_data_xfer = SERVER_MAX_DATA_XFER
+        self.client_max_fds = 1
+        self.dma = DmaTable()
+        self.irqs = IrqLines(device.irq_infos())
+        self.messages_handled = 0
+        self.errors_replied = 0
+        self._handlers: dict[int, Callable[[Incoming], Reply]] = {
+            Command.VERSION: self._version,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_GET_INFO: self._device_info,
+            Command.DEVICE_GET_REGION_INFO: self._region_info,
+            Command.DEVICE_GET_IRQ_INFO: self._irq_info,
+            Command.DEVICE_SET_IRQS: self._set_irqs,
+            Command.REGION_READ: self._region_read,
+            Command.REGION_WRITE: self._region_write,
+            Command.REGION_WRITE_MULTI: self._region_write_multi,
+            Command.DEVICE_RESET: self._device_reset,
+        }
+        device.connect(self.dma, self.irqs)
+
+    def close(self) -> None:
+        """The client went away: drop its DMA mappings and eventfds; the device stays."""
+        self.device.disconnect()
+        self.dma.clear()
+        self.irqs.close()
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, frame: Frame) -> Outgoing | None:
+        """Answer one message.  Never raises for anything the peer sent."""
+        header = frame.header
+        if header.is_reply:
+            # We have sent no request this reply could answer.
+            close_fds(frame.fds)
+            log.warning("dropping unexpected reply id=%d command=%d", header.msg_id, header.command)
+            return None
+        incoming = Incoming(frame)
+        try:
+            reply = self._dispatch(incoming)
+            result = Outgoing(
+                m.encode_message(header.msg_id, header.command, reply.payload, reply=True),
+                reply.fds,
+            )
+        except (ProtocolError, VfioUserError) as exc:
+            log.info("command %s id=%d refused: %s (errno %d)",
+                     _command_name(header.command), header.msg_id, exc, exc.errno)
+            result = self._error(header, exc.errno)
+        except Exception:
+            log.exception("bug while handling command %s id=%d",
+                          _command_name(header.command), header.msg_id)
+            result = self._error(header, errno.EIO)
+        finally:
+            if not incoming.fds_taken:
+                close_fds(frame.fds)
+            self.messages_handled += 1
+        if header.no_reply:
+            return None
+        return result
+
+    def _error(self, header: m.Header, error: int) -> Outgoing:
+        self.errors_replied += 1
+        return Outgoing(m.encode_message(header.msg_id, header.command, reply=True, error=error))
+
+    def _dispatch(self, incoming: Incoming) -> Reply:
+        command = incoming.frame.header.command
+        handler = self._handlers.get(command)
+        if handler is None:
+            raise UnsupportedCommand(f"command {_command_name(command)} is not supported")
+        if not self.negotiated and command != Command.VERSION:
+            raise VfioUserError(errno.EINVAL, "VERSION must be negotiated first")
+        return handler(incoming)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _version(self, incoming: Incoming) -> Reply:
+        frame = incoming.frame
+        request = m.Version.unpack(frame.payload, frame.fds)
+        if self.negotiated:
+            raise VfioUserError(errno.EINVAL, "VERSION already negotiated")
+        if request.major != PROTOCOL_MAJOR:
+            raise VfioUserError(errno.ENOTSUP, f"protocol major {request.major} not supported")
+        caps = request.capabilities
+        xfer = caps.get("max_data_xfer_size", SERVER_MAX_DATA_XFER)
+        fds = caps.get("max_msg_fds", 1)
+        if not isinstance(xfer, int) or isinstance(xfer, bool) or xfer <= 0:
+            raise VfioUserError(errno.EINVAL, "max_data_xfer_size must be a positive integer")
+        if not isinstance(fds, int) or isinstance(fds, bool) or fds < 0:
+            raise VfioUserError(errno.EINVAL, "max_msg_fds must be a non-negative integer")
+        self.client_capabilities = caps
+        self.max_data_xfer = min(xfer, SERVER_MAX_DATA_XFER)
+        self.client_max_fds = fds
+        self.negotiated = True
+        return Reply(_fit_version_reply(len(frame.payload)))
+
+    def _dma_map(self, incoming: Incoming) -> Reply:
+        request = m.DmaMap.unpack(incoming.frame.payload, incoming.frame.fds)
+        incoming.take_fds()
+        self.dma.map(request)
+        return Reply()
+
+    def _dma_unmap(self, incoming: Incoming) -> Reply:
+        request = m.DmaUnmap.unpack(incoming.frame.payload, incoming.frame.fds)
+        self.dma.unmap(request)
+        return Reply(request.pack())
+
+    def _device_info(self, incoming: Incoming) -> Reply:
+        m.DeviceInfoRequest.unpack(incoming.frame.payload, incoming.frame.fds)
+        return Reply(self.device.device_info().pack())
+
+    def _region_info(self, incoming: Incoming) -> Reply:
+        request = m.RegionInfoRequest.unpack(incoming.frame.payload, incoming.frame.fds)
+        info, fd = self.device.region_info(request.index)
+        payload = info.pack_reply(request.argsz)
+        # QEMU takes the fd only with the complete reply (the second, larger request).
+        complete = request.argsz >= info.full_size()
+        return Reply(payload, (fd,) if fd is not None and complete else ())
+
+    def _irq_info(self, incoming: Incoming) -> Reply:
+        request = m.IrqInfoRequest.unpack(incoming.frame.payload, incoming.frame.fds)
+        for info in self.device.irq_infos():
+            if info.index == request.index:
+                return Reply(info.pack())
+        raise VfioUserError(errno.EINVAL, f"no IRQ index {request.index}")
+
+    def _set_irqs(self, incoming: Incoming) -> Reply:
+        request = m.SetIrqs.unpack(incoming.frame.payload, incoming.frame.fds)
+        incoming.take_fds()
+        self.irqs.set_irqs(request)
+        return Reply()
+
+    def _region_read(self, incoming: Incoming) -> Reply:
+        request = m.RegionAccess.unpack(incoming.frame.payload, incoming.frame.fds,
+                                        with_data=False)
+        self._check_xfer(request.count)
+        data = self.device.region_read(request.region, request.offset, request.count)
+        return Reply(m.RegionAccess(request.offset, request.region, len(data), data).pack())
+
+    def _region_write(self, incoming: Incoming) -> Reply:
+        request = m.RegionAccess.unpack(incoming.frame.payload, incoming.frame.fds,
+                                        with_data=True)
+        self._check_xfer(request.count)
+        self.device.region_write(request.region, request.offset, request.data)
+        return Reply(m.RegionAccess(request.offset, request.region, request.count).pack())
+
+    def _region_write_multi(self, incoming: Incoming) -> Reply:
+        for write in m.unpack_region_write_multi(incoming.frame.payload, incoming.frame.fds):
+            self.device.region_write(write.region, write.offset, write.data)
+        return Reply()
+
+    def _device_reset(self, incoming: Incoming) -> Reply:
+        m.Empty.unpack(incoming.frame.payload, incoming.frame.fds)
+        self.device.reset()
+        return Reply()
+
+    def _check_xfer(self, count: int) -> None:
+        if count > self.max_data_xfer:
+            raise VfioUserError(
+                errno.EINVAL, f"transfer of {count} bytes exceeds {self.max_data_xfer}"
+            )
+
+
+def _fit_version_reply(request_payload_size: int) -> bytes:
+    """Our VERSION reply, dropping optional capabilities until it fits the request."""
+    caps = dict(SERVER_CAPABILITIES)
+    while True:
+        payload = m.Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, caps).pack()
+        if len(payload) <= request_payload_size or not caps:
+            return payload
+        caps.popitem()
+
+
+def _command_name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)

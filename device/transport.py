@@ -1,0 +1,82 @@
+"""Unix-socket transport: whole messages out, frames in, fds over SCM_RIGHTS."""
+
+from __future__ import annotations
+
+import array
+import socket
+
+from .protocol.codec import DEFAULT_MAX_MESSAGE_SIZE, Frame, FrameDecoder, close_fds
+from .protocol.errors import FramingError
+
+RECV_CHUNK = 256 * 1024
+# The most fds one read may bring.  More are cut off by the kernel (MSG_CTRUNC), and
+# a message whose fds were lost cannot be answered correctly, so that disconnects.
+MAX_FDS_PER_READ = 64
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (or it was reset)."""
+
+
+class Connection:
+    """A connected vfio-user socket.  Not thread-safe for concurrent senders: the
+    owner serialises sends (see ``send_lock`` users)."""
+
+    def __init__(self, sock: socket.socket, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+        self.sock = sock
+        self.decoder = FrameDecoder(max_message_size)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[Frame]:
+        """Block until at least one byte arrives; return the whole frames now complete."""
+        while True:
+            try:
+                data, ancdata, msg_flags, _ = self.sock.recvmsg(
+                    RECV_CHUNK, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise ConnectionClosed(str(exc)) from None
+            fds = _fds_from_ancillary(ancdata)
+            if msg_flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                raise FramingError(f"more than {MAX_FDS_PER_READ} fds in one message")
+            if not data:
+                close_fds(fds)
+                raise ConnectionClosed("peer closed the connection")
+            frames = self.decoder.feed(data, fds)
+            if frames:
+                return frames
+
+    def send(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
+        try:
+            if fds:
+                ancillary = [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+                ]
+                sent = self.sock.sendmsg([data], ancillary)
+            else:
+                sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise ConnectionClosed(str(exc)) from None
+
+    def close(self) -> None:
+        self.decoder.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
