@@ -27,6 +27,10 @@ class Connection:
     def __init__(self, sock: socket.socket, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
         self.sock = sock
         self.decoder = FrameDecoder(max_message_size)
+        # One receive buffer for the connection's life: recvmsg() would allocate (and
+        # for this size mmap) a fresh one per call, which costs more than the message.
+        self._buffer = bytearray(RECV_CHUNK)
+        self._view = memoryview(self._buffer)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -35,8 +39,8 @@ class Connection:
         """Block until at least one byte arrives; return the whole frames now complete."""
         while True:
             try:
-                data, ancdata, msg_flags, _ = self.sock.recvmsg(
-                    RECV_CHUNK, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                size, ancdata, msg_flags, _ = self.sock.recvmsg_into(
+                    [self._view], _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
                 )
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise ConnectionClosed(str(exc)) from None
@@ -44,10 +48,10 @@ class Connection:
             if msg_flags & socket.MSG_CTRUNC:
                 close_fds(fds)
                 raise FramingError(f"more than {MAX_FDS_PER_READ} fds in one message")
-            if not data:
+            if not size:
                 close_fds(fds)
                 raise ConnectionClosed("peer closed the connection")
-            frames = self.decoder.feed(data, fds)
+            frames = self.decoder.feed(self._view[:size], fds)
             if frames:
                 return frames
 
