@@ -121,16 +121,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-round", type=int, default=2000)
     parser.add_argument("--cpu", type=int, default=0, help="CPU to pin everything to")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "region_read.json")
+    parser.add_argument("--json", type=Path,
+                        default=ROOT / "bench" / "results" / "region_read.json")
     args = parser.parse_args()
 
     os.sched_setaffinity(0, {args.cpu})
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
     server_sock, echo_sock = workdir / "gpu.sock", workdir / "echo.sock"
     python = sys.executable
-    server = start(pin(args.cpu) + [python, "-m", "device", "serve", "--socket", str(server_sock),
-                                    "--log-level", "warning"], "ready")
-    echo = start(pin(args.cpu) + [python, "-c", ECHO_PEER, str(echo_sock)], "ready")
+    server = start([*pin(args.cpu), python, "-m", "device", "serve", "--socket",
+                    str(server_sock), "--log-level", "warning"], "ready")
+    echo = start([*pin(args.cpu), python, "-c", ECHO_PEER, str(echo_sock)], "ready")
     try:
         client = VfioUserClient.connect(server_sock, timeout=None)
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from device.vm import GuestVM
 
 from device.gpu import registers as regs
 from device.gpu.instance import DEVICE_ID, VENDOR_ID, GpuInstance
 from device.protocol.constants import PciRegion
 from device.server import Endpoint
-from device.vm import GuestVM
 from guest_images import Runtime, parse_results, pattern_bytes
 
 pytestmark = pytest.mark.qemu
