@@ -2,19 +2,28 @@
 
 It speaks the same wire format as QEMU, including the two-step region-info request
 and fd passing, and raises ``VfioUserError`` with the server's errno on error replies.
+
+Like QEMU, it answers the server's own requests (DMA_READ/DMA_WRITE for memory it
+mapped without an fd) from ``guest_memory`` whenever it reads the socket: while it
+waits for a reply, and in ``poll()``.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
+import time
+from collections import deque
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from .protocol import messages as m
 from .protocol.codec import Frame, close_fds
 from .protocol.constants import Command, DmaMapFlags, IrqSetFlags
 from .protocol.errors import VfioUserError
+from .protocol.messages import DmaLayout
 from .transport import Connection
 
 DEFAULT_CLIENT_CAPABILITIES: dict[str, object] = {
@@ -25,11 +34,45 @@ DEFAULT_CLIENT_CAPABILITIES: dict[str, object] = {
 }
 
 
+class GuestMemory(Protocol):
+    """Memory the client lets the server reach by DMA_READ/DMA_WRITE."""
+
+    def read(self, address: int, length: int) -> bytes: ...
+    def write(self, address: int, data: bytes) -> None: ...
+
+
+class BytearrayMemory:
+    """Guest memory as a bytearray at a base address; out-of-range access is EFAULT."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.data = bytearray(size)
+
+    def _offset(self, address: int, length: int) -> int:
+        offset = address - self.base
+        if offset < 0 or offset + length > len(self.data):
+            raise VfioUserError(errno.EFAULT, f"{address:#x}+{length} outside guest memory")
+        return offset
+
+    def read(self, address: int, length: int) -> bytes:
+        offset = self._offset(address, length)
+        return bytes(self.data[offset : offset + length])
+
+    def write(self, address: int, data: bytes) -> None:
+        offset = self._offset(address, len(data))
+        self.data[offset : offset + len(data)] = data
+
+
 class VfioUserClient:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, guest_memory: GuestMemory | None = None,
+                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
         self.connection = Connection(sock)
         self._ids = itertools.count(1)
+        self._frames: deque[Frame] = deque()
         self.server_capabilities: dict[str, object] = {}
+        self.guest_memory = guest_memory
+        self.dma_layout = dma_layout
+        self.server_requests_served = 0
 
     @classmethod
     def connect(cls, path: Path | str, *, negotiate: bool = True,
@@ -62,19 +105,69 @@ class VfioUserClient:
         self.connection.send(data, fds)
 
     def receive(self) -> Frame:
-        frames = self.connection.receive()
-        if len(frames) != 1:
-            for frame in frames:
-                close_fds(frame.fds)
-            raise RuntimeError(f"expected one reply, got {len(frames)}")
-        return frames[0]
+        """The next message from the server that is not a request of its own."""
+        while True:
+            if not self._frames:
+                self._frames.extend(self.connection.receive())
+            frame = self._frames.popleft()
+            if frame.header.is_reply:
+                return frame
+            self._serve_request(frame)
+
+    def poll(self, timeout: float) -> int:
+        """Answer server requests arriving within ``timeout`` seconds; returns how many."""
+        served_before = self.server_requests_served
+        deadline = time.monotonic() + timeout
+        old_timeout = self.connection.sock.gettimeout()
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if not self._frames:
+                    self.connection.sock.settimeout(left)
+                    try:
+                        self._frames.extend(self.connection.receive())
+                    except (TimeoutError, BlockingIOError):
+                        break
+                frame = self._frames.popleft()
+                if frame.header.is_reply:
+                    close_fds(frame.fds)
+                    raise RuntimeError(f"unexpected reply id {frame.header.msg_id} while polling")
+                self._serve_request(frame)
+        finally:
+            self.connection.sock.settimeout(old_timeout)
+        return self.server_requests_served - served_before
+
+    def _serve_request(self, frame: Frame) -> None:
+        header = frame.header
+        close_fds(frame.fds)
+        payload, error = b"", 0
+        try:
+            if frame.fds or self.guest_memory is None:
+                raise VfioUserError(errno.EINVAL, "no guest memory to serve DMA from")
+            access = m.DmaAccess.unpack(frame.payload, layout=self.dma_layout)
+            if header.command == Command.DMA_READ:
+                data = self.guest_memory.read(access.address, access.count)
+                payload = m.DmaAccess(access.address, access.count, data).pack(self.dma_layout)
+            elif header.command == Command.DMA_WRITE:
+                if len(access.data) != access.count:
+                    raise VfioUserError(errno.EINVAL, "DMA_WRITE count does not match its data")
+                self.guest_memory.write(access.address, access.data)
+            else:
+                raise VfioUserError(errno.ENOSYS, f"server sent command {header.command}")
+        except VfioUserError as exc:
+            payload, error = b"", exc.errno
+        except Exception:  # a malformed request must not kill the client either
+            payload, error = b"", errno.EINVAL
+        self.server_requests_served += 1
+        if not header.no_reply:
+            self.send_raw(m.encode_message(header.msg_id, header.command, payload,
+                                           reply=True, error=error))
 
     def request(self, command: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> Frame:
         """Send a command and return its reply; error replies raise VfioUserError."""
         msg_id = next(self._ids) & 0xFFFF
         self.send_raw(m.encode_message(msg_id, command, payload, reply=False), fds)
         reply = self.receive()
-        if reply.header.msg_id != msg_id or not reply.header.is_reply:
+        if reply.header.msg_id != msg_id:
             close_fds(reply.fds)
             raise RuntimeError(f"reply id {reply.header.msg_id} does not answer {msg_id}")
         if reply.header.is_error:

@@ -14,6 +14,10 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from .protocol.constants import DmaMapFlags, DmaUnmapFlags
 from .protocol.errors import VfioUserError
@@ -53,11 +57,19 @@ class DmaRegion:
             self.mapping = None
 
 
+class MessageDma(Protocol):
+    """Guest memory access over the socket (DMA_READ/DMA_WRITE), for ranges without fd."""
+
+    def dma_read_messages(self, address: int, length: int) -> bytes: ...
+    def dma_write_messages(self, address: int, data: bytes) -> None: ...
+
+
 class DmaTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._regions: list[DmaRegion] = []
+        self.message_dma: MessageDma | None = None
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -150,3 +162,41 @@ class DmaTable:
                 if address + length <= region.end:
                     return region
         raise VfioUserError(errno.EFAULT, f"guest address {address:#x}+{length:#x} is not mapped")
+
+    # ------------------------------------------------------------------ device access
+
+    def read(self, address: int, length: int) -> bytes:
+        """Read guest memory: directly where mapped, else by DMA_READ messages."""
+        region = self.find(address, length)
+        if not region.readable:
+            raise VfioUserError(errno.EPERM, f"guest range {address:#x} is not readable")
+        if region.mapping is not None:
+            start = address - region.address
+            return region.mapping[start : start + length]
+        if self.message_dma is None:
+            raise VfioUserError(errno.EFAULT, f"guest range {address:#x} has no fd and no socket")
+        return self.message_dma.dma_read_messages(address, length)
+
+    def write(self, address: int, data: bytes) -> None:
+        """Write guest memory: directly where mapped, else by DMA_WRITE messages."""
+        region = self.find(address, len(data))
+        if not region.writable:
+            raise VfioUserError(errno.EPERM, f"guest range {address:#x} is not writable")
+        if region.mapping is not None:
+            start = address - region.address
+            region.mapping[start : start + len(data)] = data
+            return
+        if self.message_dma is None:
+            raise VfioUserError(errno.EFAULT, f"guest range {address:#x} has no fd and no socket")
+        self.message_dma.dma_write_messages(address, data)
+
+    def view(self, address: int, length: int) -> npt.NDArray[np.uint8]:
+        """A numpy view of fd-backed guest memory (no copy); EFAULT for message-only ranges."""
+        region = self.find(address, length)
+        if region.mapping is None:
+            raise VfioUserError(errno.EFAULT, f"guest range {address:#x} is not fd-backed")
+        start = address - region.address
+        array = np.frombuffer(region.mapping, dtype=np.uint8, count=length, offset=start)
+        if not region.writable:
+            array.flags.writeable = False
+        return array

@@ -18,9 +18,11 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .protocol.errors import FramingError
+from .protocol.messages import DmaLayout
 from .session import DeviceModel, Session
 from .transport import Connection, ConnectionClosed
 
@@ -63,10 +65,13 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class Endpoint:
-    def __init__(self, path: Path, device: DeviceModel, name: str = "gpu") -> None:
+    def __init__(self, path: Path, device: DeviceModel, name: str = "gpu",
+                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
         self.path = Path(path)
         self.device = device
         self.name = name
+        self.dma_layout = dma_layout
+        self._send_lock = threading.Lock()
         self.listener = bind_unix_socket(self.path)
         self.connection: Connection | None = None
         self.session: Session | None = None
@@ -90,8 +95,10 @@ class Endpoint:
                 if self._stopping.is_set():
                     client.close()
                     return
-                self.connection = Connection(client)
-                self.session = Session(self.device)
+                connection = Connection(client)
+                self.connection = connection
+                self.session = Session(self.device, self._sender(connection), self.dma_layout)
+                self.session.protocol_thread = threading.get_ident()
             log.info("%s: client connected", self.name)
             try:
                 self._run_session(self.connection, self.session)
@@ -103,6 +110,14 @@ class Endpoint:
                     self.connection = None
                 self.clients_served += 1
                 log.info("%s: client disconnected", self.name)
+
+    def _sender(self, connection: Connection) -> Callable[[bytes, tuple[int, ...]], None]:
+        # Replies (socket thread) and DMA requests (device workers) share the socket.
+        def send(data: bytes, fds: tuple[int, ...]) -> None:
+            with self._send_lock:
+                connection.send(data, fds)
+
+        return send
 
     def _run_session(self, connection: Connection, session: Session) -> None:
         while True:
@@ -122,7 +137,8 @@ class Endpoint:
                 if outgoing is None:
                     continue
                 try:
-                    connection.send(outgoing.data, outgoing.fds)
+                    with self._send_lock:
+                        connection.send(outgoing.data, outgoing.fds)
                 except (ConnectionClosed, OSError):
                     return
 

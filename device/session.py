@@ -8,14 +8,22 @@ session goes on; only a broken byte stream (``FramingError``) ends it.  A messag
 flagged No_reply is never answered, not even with an error, because QEMU does not
 expect one and an unexpected reply desynchronises its stream.  File descriptors that
 come with a message are closed unless a handler took them.
+
+The server also sends requests of its own: DMA_READ/DMA_WRITE for guest memory
+that came without an fd.  Those are issued from a device worker thread, never from
+the thread that reads the socket, because that thread must keep reading to see the
+reply (and QEMU may be waiting on one of our replies while it holds the lock its DMA
+handler needs).  Replies from the client are routed to the waiting request by id.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .dma import DmaTable
@@ -24,6 +32,7 @@ from .protocol import messages as m
 from .protocol.codec import Frame, close_fds
 from .protocol.constants import PROTOCOL_MAJOR, PROTOCOL_MINOR, Command
 from .protocol.errors import ProtocolError, UnsupportedCommand, VfioUserError
+from .protocol.messages import DmaLayout
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +86,28 @@ class Outgoing:
     fds: tuple[int, ...] = ()
 
 
+Sender = Callable[[bytes, tuple[int, ...]], None]
+PEER_REPLY_TIMEOUT = 10.0
+
+
+@dataclass
+class _Waiter:
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: Frame | None = None
+    error: int = 0
+
+
 class Session:
-    def __init__(self, device: DeviceModel) -> None:
+    def __init__(self, device: DeviceModel, send: Sender | None = None,
+                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
         self.device = device
+        self.send = send
+        self.dma_layout = dma_layout
+        self.protocol_thread: int | None = None  # ident of the socket-reading thread
+        self._peer_ids = itertools.count(1)
+        self._waiters: dict[int, _Waiter] = {}
+        self._waiters_lock = threading.Lock()
+        self._closed = False
         self.negotiated = False
         self.client_capabilities: dict[str, object] = {}
         self.max_data_xfer = SERVER_MAX_DATA_XFER
@@ -101,13 +129,87 @@ class Session:
             Command.REGION_WRITE_MULTI: self._region_write_multi,
             Command.DEVICE_RESET: self._device_reset,
         }
+        self.dma.message_dma = self
         device.connect(self.dma, self.irqs)
 
     def close(self) -> None:
         """The client went away: drop its DMA mappings and eventfds; the device stays."""
+        with self._waiters_lock:
+            self._closed = True
+            waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.error = errno.ENOTCONN
+            waiter.done.set()
         self.device.disconnect()
         self.dma.clear()
         self.irqs.close()
+
+    # ------------------------------------------------------------------ requests to the client
+
+    def deliver_reply(self, frame: Frame) -> None:
+        """A reply from the client: wake the request waiting for it, or drop it."""
+        with self._waiters_lock:
+            waiter = self._waiters.pop(frame.header.msg_id, None)
+        if waiter is None:
+            close_fds(frame.fds)
+            log.warning("dropping reply id=%d command=%d that answers no request",
+                        frame.header.msg_id, frame.header.command)
+            return
+        waiter.reply = frame
+        waiter.done.set()
+
+    def request_peer(self, command: Command, payload: bytes,
+                     timeout: float = PEER_REPLY_TIMEOUT) -> Frame:
+        """Send a request to the client and wait for its reply (not from the socket thread)."""
+        if threading.get_ident() == self.protocol_thread:
+            raise RuntimeError("a request to the client from the socket thread would deadlock")
+        if self.send is None:
+            raise VfioUserError(errno.ENOTCONN, "session has no connection to send on")
+        waiter = _Waiter()
+        with self._waiters_lock:
+            if self._closed:
+                raise VfioUserError(errno.ENOTCONN, "client disconnected")
+            msg_id = next(self._peer_ids) & 0xFFFF
+            self._waiters[msg_id] = waiter
+        try:
+            self.send(m.encode_message(msg_id, command, payload, reply=False), ())
+            if not waiter.done.wait(timeout):
+                raise VfioUserError(errno.ETIMEDOUT, f"client did not answer {command.name}")
+        finally:
+            with self._waiters_lock:
+                self._waiters.pop(msg_id, None)
+        if waiter.error:
+            raise VfioUserError(waiter.error, f"{command.name}: client disconnected")
+        reply = waiter.reply
+        assert reply is not None
+        close_fds(reply.fds)
+        if reply.header.is_error:
+            raise VfioUserError(reply.header.error or errno.EIO,
+                                f"client refused {command.name}")
+        return reply
+
+    def _dma_chunks(self, address: int, length: int) -> list[tuple[int, int]]:
+        step, end = max(1, self.max_data_xfer), address + length
+        return [(a, min(step, end - a)) for a in range(address, end, step)]
+
+    def dma_read_messages(self, address: int, length: int) -> bytes:
+        parts = []
+        for chunk_address, chunk_length in self._dma_chunks(address, length):
+            request = m.DmaAccess(chunk_address, chunk_length).pack(self.dma_layout)
+            reply = self.request_peer(Command.DMA_READ, request)
+            if len(reply.payload) != 16 + chunk_length:
+                raise VfioUserError(errno.EIO, f"DMA_READ reply of {len(reply.payload)} bytes "
+                                    f"for {chunk_length}")
+            parts.append(m.DmaAccess.unpack(reply.payload, layout=self.dma_layout).data)
+        return b"".join(parts)
+
+    def dma_write_messages(self, address: int, data: bytes) -> None:
+        offset = 0
+        for chunk_address, chunk_length in self._dma_chunks(address, len(data)):
+            chunk = data[offset : offset + chunk_length]
+            offset += chunk_length
+            request = m.DmaAccess(chunk_address, chunk_length, chunk).pack(self.dma_layout)
+            self.request_peer(Command.DMA_WRITE, request)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -115,9 +217,7 @@ class Session:
         """Answer one message.  Never raises for anything the peer sent."""
         header = frame.header
         if header.is_reply:
-            # We have sent no request this reply could answer.
-            close_fds(frame.fds)
-            log.warning("dropping unexpected reply id=%d command=%d", header.msg_id, header.command)
+            self.deliver_reply(frame)
             return None
         incoming = Incoming(frame)
         try:
@@ -175,7 +275,7 @@ class Session:
         self.max_data_xfer = min(xfer, SERVER_MAX_DATA_XFER)
         self.client_max_fds = fds
         self.negotiated = True
-        return Reply(_fit_version_reply(len(frame.payload)))
+        return Reply(_fit_version_reply(caps, len(frame.payload)))
 
     def _dma_map(self, incoming: Incoming) -> Reply:
         request = m.DmaMap.unpack(incoming.frame.payload, incoming.frame.fds)
@@ -244,9 +344,10 @@ class Session:
             )
 
 
-def _fit_version_reply(request_payload_size: int) -> bytes:
-    """Our VERSION reply, dropping optional capabilities until it fits the request."""
-    caps = dict(SERVER_CAPABILITIES)
+def _fit_version_reply(proposed: dict[str, object], request_payload_size: int) -> bytes:
+    """Our VERSION reply: the spec wants a subset of the client's capabilities, and QEMU
+    a reply no longer than its request, so optional capabilities go until it fits."""
+    caps = {k: v for k, v in SERVER_CAPABILITIES.items() if k in proposed}
     while True:
         payload = m.Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, caps).pack()
         if len(payload) <= request_payload_size or not caps:
