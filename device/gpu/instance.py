@@ -14,6 +14,7 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import struct
 import threading
 
@@ -75,6 +76,11 @@ class GpuInstance:
         self.irqs: IrqLines | None = None
         self.resets = 0
         self._reset_registers()
+        # Device work that may need DMA messages runs here, never on the socket thread.
+        self._jobs: queue.Queue[tuple[int, int, int, int, int] | None] = queue.Queue()
+        self._generation = 0  # bumped by reset: a copy started before it reports nothing
+        self._worker = threading.Thread(target=self._work, name=f"{name}-dma", daemon=True)
+        self._worker.start()
 
     # ------------------------------------------------------------------ build
 
@@ -120,6 +126,7 @@ class GpuInstance:
         return cfg
 
     def _reset_registers(self) -> None:
+        self._generation = getattr(self, "_generation", 0) + 1
         values = {r.offset: r.reset for r in regs.REGISTERS}
         values[regs.BY_NAME["APERTURE_SIZE_LO"].offset] = self.aperture_size & 0xFFFFFFFF
         values[regs.BY_NAME["APERTURE_SIZE_HI"].offset] = self.aperture_size >> 32
@@ -195,6 +202,8 @@ class GpuInstance:
         log.info("%s: device reset", self.name)
 
     def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(5)
         self.aperture.close()
         os.close(self.aperture_fd)
 
@@ -214,12 +223,68 @@ class GpuInstance:
         with self._lock:
             for word_offset in range(first, last, 4):
                 register = regs.BY_OFFSET.get(word_offset)
-                if register is None or register.access is not regs.Access.RW:
+                if register is None or register.access is regs.Access.RO:
                     continue  # writes to read-only or unassigned offsets are dropped
                 current = bytearray(self.register_values[word_offset].to_bytes(4, "little"))
                 lo, hi = max(offset, word_offset), min(offset + len(data), word_offset + 4)
                 current[lo - word_offset : hi - word_offset] = data[lo - offset : hi - offset]
-                self.register_values[word_offset] = int.from_bytes(current, "little")
+                value = int.from_bytes(current, "little")
+                if register.access is regs.Access.WO:
+                    self._command(register, value)
+                else:
+                    self.register_values[word_offset] = value
+
+    def _reg(self, name: str) -> int:
+        return self.register_values[regs.BY_NAME[name].offset]
+
+    def _set_reg(self, name: str, value: int) -> None:
+        self.register_values[regs.BY_NAME[name].offset] = value & 0xFFFFFFFF
+
+    def _command(self, register: regs.Register, value: int) -> None:
+        """A write to a command register (lock held)."""
+        if register.name == "DMA_CONTROL":
+            if self._reg("DMA_STATUS") == regs.DmaStatus.BUSY or value not in (
+                regs.DmaCommand.TO_APERTURE, regs.DmaCommand.FROM_APERTURE
+            ):
+                return
+            guest = self._reg("DMA_GUEST_ADDR_LO") | self._reg("DMA_GUEST_ADDR_HI") << 32
+            self._set_reg("DMA_STATUS", regs.DmaStatus.BUSY)
+            offset, length = self._reg("DMA_APERTURE_OFFSET"), self._reg("DMA_LENGTH")
+            self._jobs.put((self._generation, value, guest, offset, length))
+
+    # ------------------------------------------------------------------ bring-up DMA engine
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            generation, command, guest, aperture_offset, length = job
+            error = 0
+            try:
+                if not 0 < length <= regs.DMA_MAX_LENGTH or aperture_offset + length > (
+                    self.aperture_size
+                ):
+                    raise VfioUserError(errno.EINVAL, "bad DMA length or aperture range")
+                dma = self.dma
+                if dma is None:
+                    raise VfioUserError(errno.EFAULT, "no client: guest memory is not mapped")
+                if command == regs.DmaCommand.TO_APERTURE:
+                    data = dma.read(guest, length)
+                    self.aperture[aperture_offset : aperture_offset + length] = data
+                else:
+                    dma.write(guest, self.aperture[aperture_offset : aperture_offset + length])
+            except VfioUserError as exc:
+                error = exc.errno
+                log.info("%s: DMA %#x+%#x failed: %s", self.name, guest, length, exc)
+            except Exception:
+                log.exception("%s: DMA engine bug", self.name)
+                error = errno.EIO
+            with self._lock:
+                if generation != self._generation:
+                    continue
+                self._set_reg("DMA_ERROR", error)
+                self._set_reg("DMA_STATUS", regs.DmaStatus.ERROR if error else regs.DmaStatus.DONE)
+                irqs = self.irqs
+            if irqs is not None:
+                irqs.raise_irq(PciIrq.MSIX, 0)
 
     # ------------------------------------------------------------------ config side effects
 
