@@ -172,7 +172,10 @@ class Session:
             msg_id = next(self._peer_ids) & 0xFFFF
             self._waiters[msg_id] = waiter
         try:
-            self.send(m.encode_message(msg_id, command, payload, reply=False), ())
+            try:
+                self.send(m.encode_message(msg_id, command, payload, reply=False), ())
+            except OSError as exc:
+                raise VfioUserError(errno.ENOTCONN, f"{command.name}: {exc}") from None
             if not waiter.done.wait(timeout):
                 raise VfioUserError(errno.ETIMEDOUT, f"client did not answer {command.name}")
         finally:

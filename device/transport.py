@@ -16,7 +16,7 @@ _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
 
 
-class ConnectionClosed(Exception):
+class ConnectionClosed(ConnectionError):
     """The peer closed the connection (or it was reset)."""
 
 

@@ -1,0 +1,179 @@
+"""Server-initiated DMA over the socket (DMA_READ/DMA_WRITE) for guest memory mapped
+without an fd, driven through the bring-up DMA engine registers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device.client import BytearrayMemory, VfioUserClient
+from device.gpu import registers as regs
+from device.gpu.instance import GpuInstance
+from device.protocol.constants import PciIrq, PciRegion
+from device.protocol.errors import VfioUserError
+from device.protocol.messages import DmaLayout
+from device.server import Endpoint
+
+GUEST_BASE = 0x10_0000
+GUEST_SIZE = 4 << 20
+
+
+def reg(name: str) -> int:
+    return regs.BY_NAME[name].offset
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory]]:
+    workdir = Path(tempfile.mkdtemp(prefix="mgpu-dma-"))
+    device = GpuInstance("dma", aperture_size=8 << 20)
+    endpoint = Endpoint(workdir / "gpu.sock", device, "dma")
+    endpoint.start()
+    memory = BytearrayMemory(GUEST_BASE, GUEST_SIZE)
+    client = VfioUserClient.connect(endpoint.path, timeout=10)
+    client.guest_memory = memory
+    try:
+        yield device, endpoint, client, memory
+    finally:
+        client.close()
+        endpoint.stop()
+        device.close()
+        workdir.rmdir()
+
+
+def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, length: int) -> int:
+    client.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_LO"), guest & 0xFFFFFFFF)
+    client.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_HI"), guest >> 32)
+    client.write32(PciRegion.BAR0, reg("DMA_APERTURE_OFFSET"), offset)
+    client.write32(PciRegion.BAR0, reg("DMA_LENGTH"), length)
+    client.write32(PciRegion.BAR0, reg("DMA_CONTROL"), command)
+    # Polling the status register is also what lets the client answer the DMA requests.
+    for _ in range(100_000):
+        status = client.read32(PciRegion.BAR0, reg("DMA_STATUS"))
+        if status != regs.DmaStatus.BUSY:
+            return status
+    raise AssertionError("DMA never completed")
+
+
+def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(
+    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
+) -> None:
+    device, _, client, memory = served
+    client.dma_map(GUEST_BASE, GUEST_SIZE)  # no fd: only messages reach this memory
+    eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    client.set_irq_eventfds(PciIrq.MSIX, (eventfd,))
+    length = (1 << 20) + 4096 + 3  # more than max_data_xfer_size: several DMA messages
+    pattern = bytes((i * 7 + 1) & 0xFF for i in range(length))
+    memory.write(GUEST_BASE, pattern)
+
+    served_before = client.server_requests_served
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0x1000, length) == 2
+    assert client.server_requests_served - served_before == 2  # two DMA_READs
+    assert device.aperture[0x1000 : 0x1000 + length] == pattern
+    assert select.select([eventfd], [], [], 5)[0], "completion interrupt not raised"
+    assert os.eventfd_read(eventfd) == 1
+
+    target = GUEST_BASE + (2 << 20)
+    assert run_copy(client, regs.DmaCommand.FROM_APERTURE, target, 0x1000, length) == 2
+    assert memory.read(target, length) == pattern
+    assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == 0
+    os.close(eventfd)
+
+
+def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(
+    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
+) -> None:
+    device, _, client, memory = served
+    client.dma_map(GUEST_BASE, GUEST_SIZE)
+    # A guest address nobody mapped: EFAULT, no message sent.
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, 0x9000_0000, 0, 4096) == 3
+    assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EFAULT
+    # A range that runs past the end of the mapping.
+    end = GUEST_BASE + GUEST_SIZE - 100
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, end, 0, 4096) == 3
+    # An aperture range past the BAR.
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, device.aperture_size, 16) == 3
+    assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EINVAL
+    # The device still works afterwards.
+    memory.write(GUEST_BASE, b"still alive")
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
+    assert device.aperture[0:11] == b"still alive"
+
+
+def test_client_refusing_a_dma_read_becomes_a_device_error(
+    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
+) -> None:
+    _, _, client, _ = served
+    # The client maps more than its memory backs: its answer to DMA_READ is EFAULT.
+    client.dma_map(GUEST_BASE + GUEST_SIZE, 1 << 20)
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE + GUEST_SIZE, 0, 64) == 3
+    assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EFAULT
+
+
+def test_fd_backed_memory_is_accessed_directly_without_messages(
+    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
+) -> None:
+    device, _, client, _ = served
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    client.dma_map(0x4000_0000, 1 << 20, fd=ram)
+    os.pwrite(ram, b"through the fd", 0x800)
+    before = client.server_requests_served
+    assert run_copy(client, regs.DmaCommand.TO_APERTURE, 0x4000_0800, 0x40, 14) == 2
+    assert client.server_requests_served == before
+    assert device.aperture[0x40:0x4E] == b"through the fd"
+    assert device.dma is not None
+    view = device.dma.view(0x4000_0800, 14)
+    assert view.tobytes() == b"through the fd"
+    os.close(ram)
+
+
+def test_disconnect_fails_waiting_dma_instead_of_hanging(
+    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
+) -> None:
+    device, endpoint, client, _ = served
+    client.dma_map(GUEST_BASE, GUEST_SIZE)
+    assert device.dma is not None
+    dma = device.dma
+    outcome: list[BaseException | bytes] = []
+
+    def reader() -> None:
+        try:
+            outcome.append(dma.read(GUEST_BASE, 16))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    # The client never answers: it closes instead.
+    client.connection.sock.close()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], VfioUserError)
+    assert outcome[0].errno == errno.ENOTCONN
+
+
+@pytest.mark.parametrize("layout", list(DmaLayout))
+def test_both_dma_layouts_round_trip(layout: DmaLayout) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="mgpu-dma-"))
+    device = GpuInstance("layout", aperture_size=1 << 20)
+    endpoint = Endpoint(workdir / "gpu.sock", device, "layout", dma_layout=layout)
+    endpoint.start()
+    memory = BytearrayMemory(GUEST_BASE, 1 << 20)
+    try:
+        with VfioUserClient.connect(endpoint.path, timeout=10) as client:
+            client.guest_memory, client.dma_layout = memory, layout
+            client.dma_map(GUEST_BASE, 1 << 20)
+            memory.write(GUEST_BASE, b"layout check")
+            assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 12) == 2
+            assert device.aperture[0:12] == b"layout check"
+    finally:
+        endpoint.stop()
+        device.close()
+        workdir.rmdir()
