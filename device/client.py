@@ -107,9 +107,13 @@ class VfioUserClient:
     def receive(self) -> Frame:
         """The next message from the server that is not a request of its own."""
         while True:
-            if not self._frames:
-                self._frames.extend(self.connection.receive())
-            frame = self._frames.popleft()
+            if self._frames:
+                frame = self._frames.popleft()
+            else:
+                frames = self.connection.receive()
+                frame = frames[0]
+                if len(frames) > 1:
+                    self._frames.extend(frames[1:])
             if frame.header.is_reply:
                 return frame
             self._serve_request(frame)
@@ -165,7 +169,7 @@ class VfioUserClient:
     def request(self, command: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> Frame:
         """Send a command and return its reply; error replies raise VfioUserError."""
         msg_id = next(self._ids) & 0xFFFF
-        self.send_raw(m.encode_message(msg_id, command, payload, reply=False), fds)
+        self.connection.send(m.encode_message(msg_id, command, payload, reply=False), fds)
         reply = self.receive()
         if reply.header.msg_id != msg_id:
             close_fds(reply.fds)
@@ -219,12 +223,11 @@ class VfioUserClient:
         self.set_irqs(index, flags, start, len(fds), fds=fds)
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
-        reply = self.request(Command.REGION_READ, m.RegionAccess(offset, region, count).pack())
-        access = m.RegionAccess.unpack(reply.payload, reply.fds, with_data=True)
-        return access.data
+        reply = self.request(Command.REGION_READ, m.pack_region_access(offset, region, count))
+        return m.parse_region_access(reply.payload, reply.fds, with_data=True)[3]
 
     def region_write(self, region: int, offset: int, data: bytes) -> None:
-        self.request(Command.REGION_WRITE, m.RegionAccess(offset, region, len(data), data).pack())
+        self.request(Command.REGION_WRITE, m.pack_region_access(offset, region, len(data), data))
 
     def read32(self, region: int, offset: int) -> int:
         return int.from_bytes(self.region_read(region, offset, 4), "little")

@@ -24,13 +24,19 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .dma import DmaTable
 from .irq import IrqLines
 from .protocol import messages as m
 from .protocol.codec import Frame, close_fds
-from .protocol.constants import PROTOCOL_MAJOR, PROTOCOL_MINOR, Command
+from .protocol.constants import (
+    HEADER_TYPE_MASK,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    Command,
+    HeaderFlags,
+)
 from .protocol.errors import ProtocolError, UnsupportedCommand, VfioUserError
 from .protocol.messages import DmaLayout
 
@@ -60,30 +66,33 @@ class DeviceModel(Protocol):
     def reset(self) -> None: ...
 
 
-@dataclass
-class Reply:
+class Reply(NamedTuple):
     payload: bytes = b""
     fds: tuple[int, ...] = ()
 
 
-@dataclass
 class Incoming:
     """A frame being handled; a handler that keeps the fds calls ``take_fds``."""
 
-    frame: Frame
-    fds_taken: bool = False
+    __slots__ = ("fds_taken", "frame")
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.fds_taken = False
 
     def take_fds(self) -> tuple[int, ...]:
         self.fds_taken = True
         return self.frame.fds
 
 
-@dataclass
-class Outgoing:
+class Outgoing(NamedTuple):
     """An encoded message ready for the transport."""
 
     data: bytes
     fds: tuple[int, ...] = ()
+
+
+_EMPTY_REPLY = Reply()
 
 
 Sender = Callable[[bytes, tuple[int, ...]], None]
@@ -219,12 +228,15 @@ class Session:
     def handle(self, frame: Frame) -> Outgoing | None:
         """Answer one message.  Never raises for anything the peer sent."""
         header = frame.header
-        if header.is_reply:
+        if header.flags & HEADER_TYPE_MASK == HeaderFlags.TYPE_REPLY:
             self.deliver_reply(frame)
             return None
         incoming = Incoming(frame)
         try:
-            reply = self._dispatch(incoming)
+            handler = self._handlers.get(header.command)
+            if handler is None or not self.negotiated:
+                handler = self._refuse
+            reply = handler(incoming)
             result = Outgoing(
                 m.encode_message(header.msg_id, header.command, reply.payload, reply=True),
                 reply.fds,
@@ -238,7 +250,7 @@ class Session:
                           _command_name(header.command), header.msg_id)
             result = self._error(header, errno.EIO)
         finally:
-            if not incoming.fds_taken:
+            if frame.fds and not incoming.fds_taken:
                 close_fds(frame.fds)
             self.messages_handled += 1
         if header.no_reply:
@@ -249,14 +261,13 @@ class Session:
         self.errors_replied += 1
         return Outgoing(m.encode_message(header.msg_id, header.command, reply=True, error=error))
 
-    def _dispatch(self, incoming: Incoming) -> Reply:
+    def _refuse(self, incoming: Incoming) -> Reply:
         command = incoming.frame.header.command
-        handler = self._handlers.get(command)
-        if handler is None:
+        if command not in self._handlers:
             raise UnsupportedCommand(f"command {_command_name(command)} is not supported")
-        if not self.negotiated and command != Command.VERSION:
-            raise VfioUserError(errno.EINVAL, "VERSION must be negotiated first")
-        return handler(incoming)
+        if command == Command.VERSION:
+            return self._version(incoming)
+        raise VfioUserError(errno.EINVAL, "VERSION must be negotiated first")
 
     # ------------------------------------------------------------------ handlers
 
@@ -317,18 +328,22 @@ class Session:
         return Reply()
 
     def _region_read(self, incoming: Incoming) -> Reply:
-        request = m.RegionAccess.unpack(incoming.frame.payload, incoming.frame.fds,
-                                        with_data=False)
-        self._check_xfer(request.count)
-        data = self.device.region_read(request.region, request.offset, request.count)
-        return Reply(m.RegionAccess(request.offset, request.region, len(data), data).pack())
+        frame = incoming.frame
+        offset, region, count, _ = m.parse_region_access(frame.payload, frame.fds,
+                                                         with_data=False)
+        if count > self.max_data_xfer:
+            self._refuse_xfer(count)
+        data = self.device.region_read(region, offset, count)
+        return Reply(m.pack_region_access(offset, region, len(data), data))
 
     def _region_write(self, incoming: Incoming) -> Reply:
-        request = m.RegionAccess.unpack(incoming.frame.payload, incoming.frame.fds,
-                                        with_data=True)
-        self._check_xfer(request.count)
-        self.device.region_write(request.region, request.offset, request.data)
-        return Reply(m.RegionAccess(request.offset, request.region, request.count).pack())
+        frame = incoming.frame
+        offset, region, count, data = m.parse_region_access(frame.payload, frame.fds,
+                                                            with_data=True)
+        if count > self.max_data_xfer:
+            self._refuse_xfer(count)
+        self.device.region_write(region, offset, data)
+        return Reply(m.pack_region_access(offset, region, count))
 
     def _region_write_multi(self, incoming: Incoming) -> Reply:
         for write in m.unpack_region_write_multi(incoming.frame.payload, incoming.frame.fds):
@@ -340,11 +355,8 @@ class Session:
         self.device.reset()
         return Reply()
 
-    def _check_xfer(self, count: int) -> None:
-        if count > self.max_data_xfer:
-            raise VfioUserError(
-                errno.EINVAL, f"transfer of {count} bytes exceeds {self.max_data_xfer}"
-            )
+    def _refuse_xfer(self, count: int) -> None:
+        raise VfioUserError(errno.EINVAL, f"transfer of {count} bytes exceeds {self.max_data_xfer}")
 
 
 def _fit_version_reply(proposed: dict[str, object], request_payload_size: int) -> bytes:

@@ -14,6 +14,11 @@ RECV_CHUNK = 256 * 1024
 MAX_FDS_PER_READ = 64
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
+# Plain ints: the socket module's flag enums cost microseconds per operation.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 class ConnectionClosed(ConnectionError):
@@ -40,12 +45,12 @@ class Connection:
         while True:
             try:
                 size, ancdata, msg_flags, _ = self.sock.recvmsg_into(
-                    [self._view], _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                    [self._view], _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC
                 )
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise ConnectionClosed(str(exc)) from None
-            fds = _fds_from_ancillary(ancdata)
-            if msg_flags & socket.MSG_CTRUNC:
+            fds = _fds_from_ancillary(ancdata) if ancdata else []
+            if msg_flags & _MSG_CTRUNC:
                 close_fds(fds)
                 raise FramingError(f"more than {MAX_FDS_PER_READ} fds in one message")
             if not size:
@@ -58,9 +63,7 @@ class Connection:
     def send(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
         try:
             if fds:
-                ancillary = [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-                ]
+                ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
                 sent = self.sock.sendmsg([data], ancillary)
             else:
                 sent = self.sock.send(data)

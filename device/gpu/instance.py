@@ -70,6 +70,7 @@ class GpuInstance:
         os.ftruncate(self.aperture_fd, aperture_size)
         self.aperture = mmap.mmap(self.aperture_fd, aperture_size, mmap.MAP_SHARED)
         self.config = self._build_config_space()
+        self._region_sizes = {i: self.region_info(i)[0].size for i in range(PCI_NUM_REGIONS)}
         self.register_values: dict[int, int] = {}
         self.region_access_count: dict[int, int] = {}
         self.dma: DmaTable | None = None
@@ -169,10 +170,16 @@ class GpuInstance:
             IrqInfo(PciIrq.REQ, eventfd, 1),
         ]
 
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
-        info, _ = self.region_info(index)
-        _check_access(info, offset, count)
+    def _check_access(self, index: int, offset: int, count: int) -> None:
+        size = self._region_sizes.get(index, 0)
+        if count <= 0 or offset < 0 or offset + count > size:
+            raise VfioUserError(
+                errno.EINVAL, f"access {offset:#x}+{count} outside region {index} ({size:#x})"
+            )
         self.region_access_count[index] = self.region_access_count.get(index, 0) + 1
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        self._check_access(index, offset, count)
         if index == PciRegion.BAR0:
             return self._read_registers(offset, count)
         if index == PciRegion.BAR2:
@@ -183,9 +190,7 @@ class GpuInstance:
             return self.config.read(offset, count)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        info, _ = self.region_info(index)
-        _check_access(info, offset, len(data))
-        self.region_access_count[index] = self.region_access_count.get(index, 0) + 1
+        self._check_access(index, offset, len(data))
         if index == PciRegion.BAR0:
             self._write_registers(offset, data)
         elif index == PciRegion.BAR2:
@@ -210,6 +215,8 @@ class GpuInstance:
     # ------------------------------------------------------------------ registers
 
     def _read_registers(self, offset: int, count: int) -> bytes:
+        if count == 4 and not offset & 3:  # the common, aligned case
+            return self.register_values.get(offset, 0).to_bytes(4, "little")
         first, last = offset & ~3, (offset + count + 3) & ~3
         with self._lock:
             words = b"".join(
@@ -297,9 +304,3 @@ class GpuInstance:
                 self._reset_registers()
                 self.resets += 1
 
-
-def _check_access(info: RegionInfo, offset: int, count: int) -> None:
-    if count <= 0 or offset < 0 or offset + count > info.size:
-        raise VfioUserError(
-            errno.EINVAL, f"access {offset:#x}+{count} outside region {info.index} ({info.size:#x})"
-        )

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .constants import HEADER_SIZE
 from .errors import FramingError
-from .messages import Header
+from .messages import _HEADER, Header
 
 # A message may carry up to max_data_xfer_size bytes of data plus its fixed fields.
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024 + 4096
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """One whole message: its header, payload bytes and the fds that came with it."""
 
     header: Header
@@ -50,25 +49,36 @@ class FrameDecoder:
 
     def feed(self, data: bytes | memoryview, fds: list[int] | tuple[int, ...] = ()) -> list[Frame]:
         """Add received bytes (and the fds received with them); return whole messages."""
-        self._buffer += data
+        base = self._consumed  # stream position of chunk[0]
+        if self._buffer:
+            self._buffer += data
+            chunk: bytes | memoryview = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            chunk = data  # the common case: parse straight from the receive buffer
+        length = len(chunk)
         if fds:
-            self._pending_fds.append((self._consumed + len(self._buffer), list(fds)))
+            self._pending_fds.append((base + length, list(fds)))
         frames: list[Frame] = []
-        while len(self._buffer) >= HEADER_SIZE:
-            header = Header.unpack(self._buffer)
-            if header.size < HEADER_SIZE:
-                raise FramingError(f"message size {header.size} is smaller than its header")
-            if header.size > self.max_message_size:
+        position = 0
+        while length - position >= HEADER_SIZE:
+            msg_id, command, size, flags, error = _HEADER.unpack_from(chunk, position)
+            if size < HEADER_SIZE:
+                raise FramingError(f"message size {size} is smaller than its header")
+            if size > self.max_message_size:
                 raise FramingError(
-                    f"message size {header.size} exceeds the limit of {self.max_message_size}"
+                    f"message size {size} exceeds the limit of {self.max_message_size}"
                 )
-            if len(self._buffer) < header.size:
+            end = position + size
+            if end > length:
                 break
-            payload = bytes(self._buffer[HEADER_SIZE : header.size])
-            del self._buffer[: header.size]
-            start, end = self._consumed, self._consumed + header.size
-            self._consumed = end
-            frames.append(Frame(header, payload, self._take_fds(start, end)))
+            payload = bytes(chunk[position + HEADER_SIZE : end])
+            taken = self._take_fds(base + position, base + end) if self._pending_fds else ()
+            frames.append(Frame(Header(msg_id, command, size, flags, error), payload, taken))
+            position = end
+        self._consumed = base + position
+        if position < length:
+            self._buffer += chunk[position:]
         return frames
 
     def _take_fds(self, start: int, end: int) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import ClassVar, NamedTuple, Self
 
 from .constants import (
     HEADER_SIZE,
@@ -27,8 +27,13 @@ from .errors import FramingError, MalformedMessage
 _HEADER = struct.Struct("<HHIII")
 
 
-@dataclass(frozen=True)
-class Header:
+_FLAG_REPLY = int(HeaderFlags.TYPE_REPLY)
+_FLAG_NO_REPLY = int(HeaderFlags.NO_REPLY)
+_FLAG_ERROR = int(HeaderFlags.ERROR)
+
+
+class Header(NamedTuple):
+    # A NamedTuple, not a dataclass: one is built per message on the hot path.
     msg_id: int
     command: int
     size: int
@@ -37,15 +42,15 @@ class Header:
 
     @property
     def is_reply(self) -> bool:
-        return self.flags & HEADER_TYPE_MASK == HeaderFlags.TYPE_REPLY
+        return self.flags & HEADER_TYPE_MASK == _FLAG_REPLY
 
     @property
     def no_reply(self) -> bool:
-        return bool(self.flags & HeaderFlags.NO_REPLY)
+        return bool(self.flags & _FLAG_NO_REPLY)
 
     @property
     def is_error(self) -> bool:
-        return bool(self.flags & HeaderFlags.ERROR)
+        return bool(self.flags & _FLAG_ERROR)
 
     def pack(self) -> bytes:
         return _HEADER.pack(self.msg_id, self.command, self.size, self.flags, self.error)
@@ -62,13 +67,12 @@ def encode_message(
     no_reply: bool = False,
 ) -> bytes:
     """Header plus payload, ready to send."""
-    flags = HeaderFlags.TYPE_REPLY if reply else HeaderFlags.TYPE_COMMAND
+    flags = _FLAG_REPLY if reply else 0
     if error:
-        flags |= HeaderFlags.ERROR
+        flags |= _FLAG_ERROR
     if no_reply:
-        flags |= HeaderFlags.NO_REPLY
-    size = HEADER_SIZE + len(payload)
-    return _HEADER.pack(msg_id, int(command), size, int(flags), error) + payload
+        flags |= _FLAG_NO_REPLY
+    return _HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags, error) + payload
 
 
 def _exact(payload: bytes | memoryview, size: int, what: str) -> None:
@@ -414,7 +418,7 @@ _REGION_RW = struct.Struct("<QII")
 REGION_RW_SIZE = _REGION_RW.size  # 16
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RegionAccess:
     """REGION_READ request (no data), REGION_READ reply (data), REGION_WRITE request
     (data) and REGION_WRITE reply (no data, count echoed)."""
@@ -430,16 +434,30 @@ class RegionAccess:
     @classmethod
     def unpack(
         cls, payload: bytes | memoryview, fds: tuple[int, ...] = (), *, with_data: bool
-    ) -> Self:
+    ) -> RegionAccess:
+        return cls(*parse_region_access(payload, fds, with_data=with_data))
+
+
+def parse_region_access(
+    payload: bytes | memoryview, fds: tuple[int, ...] = (), *, with_data: bool
+) -> tuple[int, int, int, bytes]:
+    """(offset, region, count, data) of a REGION_READ/WRITE; a tuple, for the hot path."""
+    if fds:
         _no_fds(fds, "REGION access")
-        _at_least(payload, REGION_RW_SIZE, "REGION access")
-        offset, region, count = _REGION_RW.unpack_from(payload)
-        data = bytes(payload[REGION_RW_SIZE:])
-        if with_data and len(data) != count:
+    if len(payload) < REGION_RW_SIZE:
+        raise MalformedMessage(f"REGION access: payload is {len(payload)} bytes, needs 16")
+    offset, region, count = _REGION_RW.unpack_from(payload)
+    data = bytes(payload[REGION_RW_SIZE:])
+    if with_data:
+        if len(data) != count:
             raise MalformedMessage(f"REGION access: count {count} but {len(data)} data bytes")
-        if not with_data and data:
-            raise MalformedMessage("REGION access: unexpected data bytes")
-        return cls(offset, region, count, data)
+    elif data:
+        raise MalformedMessage("REGION access: unexpected data bytes")
+    return offset, region, count, data
+
+
+def pack_region_access(offset: int, region: int, count: int, data: bytes = b"") -> bytes:
+    return _REGION_RW.pack(offset, region, count) + data
 
 
 _WRITE_ONE = struct.Struct("<QII8s")
