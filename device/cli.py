@@ -34,16 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve a GPU instance on a unix socket",
-        description="Serve one GPU instance on a vfio-user unix socket until SIGTERM or "
-        "SIGINT, then remove the socket and exit 0. Attach it with QEMU's "
+        description="Serve GPU instances on vfio-user unix sockets until SIGTERM or "
+        "SIGINT, then remove the sockets and exit 0. Attach one with QEMU's "
         "-device vfio-user-pci,socket.type=unix,socket.path=PATH.",
     )
-    serve.add_argument("--socket", required=True, type=Path, metavar="PATH",
-                       help="unix socket path to listen on (its directory must exist)")
+    serve.add_argument("--socket", required=True, type=Path, metavar="PATH", action="append",
+                       help="unix socket path to listen on (its directory must exist); "
+                       "repeat to serve several GPU instances from this one process")
     serve.add_argument("--aperture-size", type=parse_size, default=DEFAULT_APERTURE_SIZE,
                        metavar="SIZE",
                        help="size of the BAR2 aperture, a power of two (default: 256M)")
-    serve.add_argument("--name", default="gpu0", help="instance name used in logs")
+    serve.add_argument("--name", default=None,
+                       help="instance name used in logs (default: gpu0, gpu1, ...)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="logging verbosity on stderr (default: info)")
@@ -51,17 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    try:
-        device = GpuInstance(args.name, args.aperture_size)
-    except ValueError as exc:
-        log.error("bad instance configuration: %s", exc)
-        return 2
-    try:
-        endpoint = Endpoint(args.socket, device, args.name)
-    except SocketPathError as exc:
-        log.error("cannot serve on %s: %s", args.socket, exc)
-        device.close()
-        return 1
+    sockets: list[Path] = args.socket
+    names = [args.name] if len(sockets) == 1 and args.name else [
+        f"{args.name or 'gpu'}{i}" for i in range(len(sockets))
+    ]
+    devices: list[GpuInstance] = []
+    endpoints: list[Endpoint] = []
+
+    def close_all() -> None:
+        for endpoint in endpoints:
+            endpoint.stop()
+        for device in devices:
+            device.close()
+
+    for name, path in zip(names, sockets, strict=True):
+        try:
+            devices.append(GpuInstance(name, args.aperture_size))
+            endpoints.append(Endpoint(path, devices[-1], name))
+        except ValueError as exc:
+            log.error("bad instance configuration: %s", exc)
+            close_all()
+            return 2
+        except SocketPathError as exc:
+            log.error("cannot serve on %s: %s", path, exc)
+            close_all()
+            return 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -70,16 +86,16 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    endpoint.start()
-    log.info("serving %s on %s (aperture %d MiB)", args.name, args.socket,
-             args.aperture_size >> 20)
-    print(f"ready {args.socket}", flush=True)
+    for name, endpoint in zip(names, endpoints, strict=True):
+        endpoint.start()
+        log.info("serving %s on %s (aperture %d MiB)", name, endpoint.path,
+                 args.aperture_size >> 20)
+        print(f"ready {endpoint.path}", flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        endpoint.stop()
-        device.close()
+        close_all()
     return 0
 
 
