@@ -177,3 +177,38 @@ def test_both_dma_layouts_round_trip(layout: DmaLayout) -> None:
         endpoint.stop()
         device.close()
         workdir.rmdir()
+
+
+def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="mgpu-dma-"))
+    devices = [GpuInstance(f"g{i}", aperture_size=1 << 20) for i in range(2)]
+    endpoints = [Endpoint(workdir / f"g{i}.sock", d, f"g{i}") for i, d in enumerate(devices)]
+    for endpoint in endpoints:
+        endpoint.start()
+    memory = BytearrayMemory(GUEST_BASE, 1 << 20)
+    memory.write(GUEST_BASE, b"late answer")
+    try:
+        with VfioUserClient.connect(endpoints[0].path) as slow, \
+                VfioUserClient.connect(endpoints[1].path) as other:
+            slow.guest_memory = memory
+            slow.dma_map(GUEST_BASE, 1 << 20)
+            slow.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_LO"), GUEST_BASE)
+            slow.write32(PciRegion.BAR0, reg("DMA_LENGTH"), 11)
+            # Start the copy without reading anything: its DMA_READ waits, unanswered.
+            slow.write32(PciRegion.BAR0, reg("DMA_CONTROL"), regs.DmaCommand.TO_APERTURE)
+            for i in range(200):
+                other.write32(PciRegion.BAR0, reg("SCRATCH"), i)
+                assert other.read32(PciRegion.BAR0, reg("SCRATCH")) == i
+            assert devices[0].aperture[0:11] == bytes(11)  # still waiting for the answer
+            # The slow device's own socket thread answers registers while its DMA waits.
+            assert slow.read32(PciRegion.BAR0, reg("ID")) == regs.ID_VALUE
+            assert run_copy(slow, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
+            assert devices[0].aperture[0:11] == b"late answer"
+    finally:
+        for endpoint in endpoints:
+            endpoint.stop()
+        for device in devices:
+            device.close()
+        for leftover in workdir.iterdir():
+            leftover.unlink()
+        workdir.rmdir()
