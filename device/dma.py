@@ -177,7 +177,16 @@ class DmaTable:
             raise VfioUserError(errno.EFAULT, f"guest range {address:#x} has no fd and no socket")
         return self.message_dma.dma_read_messages(address, length)
 
-    def write(self, address: int, data: bytes) -> None:
+    def read_into(self, address: int, out: npt.NDArray[np.uint8]) -> None:
+        """Read guest memory into a numpy array (one copy when fd-backed)."""
+        region = self.find(address, len(out))
+        if region.mapping is not None and region.readable:
+            start = address - region.address
+            out[:] = np.frombuffer(region.mapping, dtype=np.uint8, count=len(out), offset=start)
+            return
+        out[:] = np.frombuffer(self.read(address, len(out)), dtype=np.uint8)
+
+    def write(self, address: int, data: bytes | memoryview) -> None:
         """Write guest memory: directly where mapped, else by DMA_WRITE messages."""
         region = self.find(address, len(data))
         if not region.writable:
@@ -188,7 +197,7 @@ class DmaTable:
             return
         if self.message_dma is None:
             raise VfioUserError(errno.EFAULT, f"guest range {address:#x} has no fd and no socket")
-        self.message_dma.dma_write_messages(address, data)
+        self.message_dma.dma_write_messages(address, bytes(data))
 
     def view(self, address: int, length: int) -> npt.NDArray[np.uint8]:
         """A numpy view of fd-backed guest memory (no copy); EFAULT for message-only ranges."""

@@ -1,22 +1,30 @@
-"""One GPU instance as a vfio-user PCI device: config space, BARs and their accesses.
+"""One GPU instance as a vfio-user PCI device: config space, BARs, registers, and the
+resources and command rings a driver programs through them.
 
 Region layout (vfio PCI region indexes):
-  BAR0  64 KiB, 32-bit MMIO, trapped: every access is a REGION message to ``registers``.
-  BAR2  the aperture, 64-bit prefetchable, one sparse-mmap area backed by a memfd that
-        QEMU maps once at realize, so guest accesses never reach this process.
+  BAR0  64 KiB, 32-bit MMIO, trapped: every access is a REGION message answered by the
+        register file (registers.py).
+  BAR2  the aperture, 64-bit prefetchable: the instance's partition of device memory,
+        one sparse-mmap area of the physical GPU's memfd that QEMU maps once at realize,
+        so guest accesses never reach this process.
   BAR4  16 KiB, 32-bit MMIO: the MSI-X table (QEMU emulates it) and PBA.
   CONFIG 4 KiB PCI Express config space.
+
+Locking: ``_lock`` guards registers, resources and ring state.  The socket thread
+(register accesses), the engine thread and the bring-up DMA worker take it only for
+short bookkeeping, never while they move data or wait for the client.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import mmap
-import os
 import queue
 import struct
 import threading
+
+import numpy as np
+import numpy.typing as npt
 
 from ..dma import DmaTable
 from ..irq import IrqLines
@@ -32,6 +40,12 @@ from ..protocol.constants import (
 from ..protocol.errors import VfioUserError
 from ..protocol.messages import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 from . import registers as regs
+from .commands import COMMAND_SIZE
+from .engine import Engine
+from .physical import PhysicalGpu
+from .registers import ErrorCode, IntBit, RingStatus
+from .resources import DeviceError, ResourceTable
+from .types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +70,59 @@ PCIE_DEVSTA = 0x0A
 PCIE_DEVCAP_FLR = 1 << 28
 PCIE_DEVCTL_FLR = 1 << 15
 
+NO_CONTEXT = 0xFFFFFFFF
+RESET_WAIT_SECONDS = 2.0
+
+
+def _reg(name: str) -> int:
+    return regs.BY_NAME[name].offset
+
 
 class GpuInstance:
-    """The device model behind one vfio-user socket."""
+    """The device model behind one vfio-user socket.
 
-    def __init__(self, name: str = "gpu0", aperture_size: int = DEFAULT_APERTURE_SIZE) -> None:
-        if aperture_size < mmap.PAGESIZE or aperture_size & (aperture_size - 1):
-            raise ValueError("aperture size must be a power of two of at least one page")
+    Made by ``PhysicalGpu``'s owner with ``physical`` and ``instance_type``; without
+    them it gets a private physical GPU the size of its aperture (tests, one-off use).
+    """
+
+    def __init__(self, name: str = "gpu0", aperture_size: int = DEFAULT_APERTURE_SIZE, *,
+                 physical: PhysicalGpu | None = None,
+                 instance_type: str | None = None) -> None:
         self.name = name
-        self.aperture_size = aperture_size
+        self._owns_physical = physical is None
+        if physical is None:
+            private = InstanceType("private", aperture_size, MAX_CONTEXTS_PER_INSTANCE,
+                                   "a private GPU the size of its aperture")
+            physical = PhysicalGpu(aperture_size, MAX_CONTEXTS_PER_INSTANCE, (private,),
+                                   name=f"{name}-private")
+            instance_type = "private"
+        if instance_type is None:
+            raise ValueError("an instance on a shared physical GPU needs an instance type")
+        self.physical = physical
+        self.partition, self.instance_type = physical.reserve(name, instance_type)
+        self.aperture_size = self.instance_type.memory
+        self.contexts = self.instance_type.contexts
+        self.aperture = physical.view(self.partition.offset, self.partition.size)
+        self.memory: npt.NDArray[np.uint8] = physical.memory
+        self.resources = ResourceTable(self.partition)
         self._lock = threading.Lock()
-        self.aperture_fd = os.memfd_create(f"mgpu-{name}-aperture", os.MFD_CLOEXEC)
-        os.ftruncate(self.aperture_fd, aperture_size)
-        self.aperture = mmap.mmap(self.aperture_fd, aperture_size, mmap.MAP_SHARED)
-        self.config = self._build_config_space()
-        self._region_sizes = {i: self.region_info(i)[0].size for i in range(PCI_NUM_REGIONS)}
+        self._command_lock = threading.Lock()  # held by the engine while a command runs
+        self._generations = [0] * regs.MAX_CONTEXTS
+        self._dma_generation = 0
         self.register_values: dict[int, int] = {}
         self.region_access_count: dict[int, int] = {}
         self.dma: DmaTable | None = None
         self.irqs: IrqLines | None = None
         self.resets = 0
+        self.config = self._build_config_space()
+        self._region_sizes = {i: self.region_info(i)[0].size for i in range(PCI_NUM_REGIONS)}
         self._reset_registers()
-        # Device work that may need DMA messages runs here, never on the socket thread.
+        self.engine = Engine(self, self.contexts, name)
         self._jobs: queue.Queue[tuple[int, int, int, int, int] | None] = queue.Queue()
-        self._generation = 0  # bumped by reset: a copy started before it reports nothing
-        self._worker = threading.Thread(target=self._work, name=f"{name}-dma", daemon=True)
+        self._worker = threading.Thread(target=self._bring_up_dma, name=f"{name}-dma",
+                                        daemon=True)
         self._worker.start()
+        self._closed = False
 
     # ------------------------------------------------------------------ build
 
@@ -123,15 +164,18 @@ class GpuInstance:
             CapabilityId.PCI_EXPRESS, bytes(pcie), wmask=bytes(pcie_wmask), w1cmask=bytes(pcie_w1c)
         )
         cfg.seal()
-        cfg.write_hooks.append(self._on_config_write)
         return cfg
 
     def _reset_registers(self) -> None:
-        self._generation = getattr(self, "_generation", 0) + 1
         values = {r.offset: r.reset for r in regs.REGISTERS}
-        values[regs.BY_NAME["APERTURE_SIZE_LO"].offset] = self.aperture_size & 0xFFFFFFFF
-        values[regs.BY_NAME["APERTURE_SIZE_HI"].offset] = self.aperture_size >> 32
+        values[_reg("APERTURE_SIZE_LO")] = self.aperture_size & 0xFFFFFFFF
+        values[_reg("APERTURE_SIZE_HI")] = self.aperture_size >> 32
+        values[_reg("MEM_QUOTA_LO")] = self.instance_type.memory & 0xFFFFFFFF
+        values[_reg("MEM_QUOTA_HI")] = self.instance_type.memory >> 32
+        values[_reg("CONTEXT_QUOTA")] = self.contexts
         self.register_values = values
+        self._generations = [g + 1 for g in self._generations]
+        self._dma_generation += 1
 
     # ------------------------------------------------------------------ vfio-user model
 
@@ -149,9 +193,11 @@ class GpuInstance:
         if index == PciRegion.BAR0:
             return RegionInfo(index, rw, regs.BAR0_SIZE), None
         if index == PciRegion.BAR2:
+            # QEMU mmaps the physical GPU's memfd at this partition's offset.
             flags = rw | RegionFlags.MMAP | RegionFlags.CAPS
-            area = SparseArea(0, self.aperture_size)
-            return RegionInfo(index, flags, self.aperture_size, 0, (area,)), self.aperture_fd
+            area = SparseArea(0, self.partition.size)
+            info = RegionInfo(index, flags, self.aperture_size, self.partition.offset, (area,))
+            return info, self.physical.memory_fd
         if index == PciRegion.BAR4:
             return RegionInfo(index, rw, MSIX_BAR_SIZE), None
         if index == PciRegion.CONFIG:
@@ -183,7 +229,7 @@ class GpuInstance:
         if index == PciRegion.BAR0:
             return self._read_registers(offset, count)
         if index == PciRegion.BAR2:
-            return self.aperture[offset : offset + count]
+            return bytes(self.aperture[offset : offset + count])
         if index == PciRegion.BAR4:
             return bytes(count)  # PBA: nothing pending; the table never reaches us
         with self._lock:
@@ -198,35 +244,68 @@ class GpuInstance:
         elif index == PciRegion.CONFIG:
             with self._lock:
                 self.config.write(offset, data)
+                flr = self._flr_requested(offset, len(data))
+            if flr:
+                self.reset()
 
     def reset(self) -> None:
-        """Device reset (DEVICE_RESET or function-level reset): registers back to power-on."""
-        with self._lock:
-            self._reset_registers()
-            self.resets += 1
-        log.info("%s: device reset", self.name)
+        """Device reset (DEVICE_RESET, FLR or the DEVICE_RESET register): stop the rings,
+        destroy every resource (memory zeroed), restore the registers."""
+        # Let a running command finish first, but not forever: it may be waiting for a
+        # DMA reply the client sends only after it has our answer to this reset.
+        got_engine = self._command_lock.acquire(timeout=RESET_WAIT_SECONDS)
+        try:
+            with self._lock:
+                gone = self.resources.clear()
+                self._reset_registers()
+                self.resets += 1
+            for resource in gone:
+                self.physical.scrub(resource.extent.offset, resource.extent.size)
+        finally:
+            if got_engine:
+                self._command_lock.release()
+        log.info("%s: device reset (%d resources freed)", self.name, len(gone))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.engine.stop()
         self._jobs.put(None)
         self._worker.join(5)
-        self.aperture.close()
-        os.close(self.aperture_fd)
+        self.resources.clear()
+        self.aperture.release()
+        del self.memory
+        self.physical.release(self.name)
+        if self._owns_physical:
+            self.physical.close()
 
     # ------------------------------------------------------------------ registers
 
     def _read_registers(self, offset: int, count: int) -> bytes:
-        if count == 4 and not offset & 3:  # the common, aligned case
+        if count == 4 and not offset & 3 and offset not in _DYNAMIC:  # the common case
             return self.register_values.get(offset, 0).to_bytes(4, "little")
         first, last = offset & ~3, (offset + count + 3) & ~3
         with self._lock:
-            words = b"".join(
-                self.register_values.get(o, 0).to_bytes(4, "little") for o in range(first, last, 4)
-            )
+            words = b"".join(self._register_value(o).to_bytes(4, "little")
+                             for o in range(first, last, 4))
         start = offset - first
         return words[start : start + count]
 
+    def _register_value(self, offset: int) -> int:
+        """A register's current value (lock held); some are computed when read."""
+        if offset in _DYNAMIC:
+            free = self.resources.free_bytes
+            return {
+                _reg("MEM_FREE_LO"): free & 0xFFFFFFFF,
+                _reg("MEM_FREE_HI"): free >> 32,
+                _reg("RESOURCE_COUNT"): len(self.resources.resources),
+            }[offset]
+        return self.register_values.get(offset, 0)
+
     def _write_registers(self, offset: int, data: bytes) -> None:
         first, last = offset & ~3, (offset + len(data) + 3) & ~3
+        actions = []
         with self._lock:
             for word_offset in range(first, last, 4):
                 register = regs.BY_OFFSET.get(word_offset)
@@ -237,31 +316,198 @@ class GpuInstance:
                 current[lo - word_offset : hi - word_offset] = data[lo - offset : hi - offset]
                 value = int.from_bytes(current, "little")
                 if register.access is regs.Access.WO:
-                    self._command(register, value)
+                    actions.append((register, value))
                 else:
-                    self.register_values[word_offset] = value
+                    self._store(register, value)
+            for register, value in actions:
+                if register.name != "DEVICE_RESET":
+                    self._command(register, value)
+        for register, value in actions:
+            if register.name == "DEVICE_RESET" and value & 1:
+                self.reset()
 
-    def _reg(self, name: str) -> int:
-        return self.register_values[regs.BY_NAME[name].offset]
+    def _set(self, name: str, value: int) -> None:
+        self.register_values[_reg(name)] = value & 0xFFFFFFFF
 
-    def _set_reg(self, name: str, value: int) -> None:
-        self.register_values[regs.BY_NAME[name].offset] = value & 0xFFFFFFFF
+    def _get(self, name: str) -> int:
+        return self.register_values[_reg(name)]
+
+    def _store(self, register: regs.Register, value: int) -> None:
+        """A write to a read/write register (lock held)."""
+        old = self.register_values[register.offset]
+        self.register_values[register.offset] = value
+        if register.name.endswith("_RING_CONTROL"):
+            context = int(register.name[3])
+            if context >= self.contexts:
+                self.register_values[register.offset] = 0
+                return
+            enable = value & regs.RING_CONTROL_ENABLE
+            if enable and not old & regs.RING_CONTROL_ENABLE:
+                self._enable_ring(context)
+            elif not enable:
+                self._generations[context] += 1
+                self._set_ctx(context, "RING_STATUS", RingStatus.STOPPED)
 
     def _command(self, register: regs.Register, value: int) -> None:
         """A write to a command register (lock held)."""
-        if register.name == "DMA_CONTROL":
-            if self._reg("DMA_STATUS") == regs.DmaStatus.BUSY or value not in (
-                regs.DmaCommand.TO_APERTURE, regs.DmaCommand.FROM_APERTURE
-            ):
+        name = register.name
+        if name == "INT_ACK":
+            self._set("INT_STATUS", self._get("INT_STATUS") & ~value)
+        elif name == "RES_COMMAND":
+            self._resource_command(value)
+        elif name.endswith("_DOORBELL"):
+            if int(name[3]) < self.contexts:
+                self.engine.kick()
+        elif name == "DMA_CONTROL":
+            self._start_bring_up_dma(value)
+
+    # ------------------------------------------------------------------ interrupts, errors
+
+    def _raise(self, cause: IntBit) -> None:
+        """Make an interrupt cause pending and signal its vector unless masked (lock held)."""
+        self._set("INT_STATUS", self._get("INT_STATUS") | cause)
+        irqs = self.irqs
+        if irqs is not None and not self._get("INT_MASK") & cause:
+            irqs.raise_irq(PciIrq.MSIX, regs.INT_VECTORS[cause])
+
+    def _report_error(self, code: ErrorCode, context: int = NO_CONTEXT,
+                      ring_offset: int = 0) -> None:
+        self._set("ERROR_CODE", code)
+        self._set("ERROR_CONTEXT", context)
+        self._set("ERROR_RING_OFFSET", ring_offset)
+        self._set("ERROR_COUNT", self._get("ERROR_COUNT") + 1)
+        self._raise(IntBit.ERROR)
+
+    # ------------------------------------------------------------------ resources
+
+    def _resource_command(self, command: int) -> None:
+        """RES_COMMAND (lock held).  Cheap bookkeeping, so it runs inline."""
+        try:
+            if command == regs.ResourceCommand.CREATE:
+                size = self._get("RES_SIZE_LO") | self._get("RES_SIZE_HI") << 32
+                resource = self.resources.create(size)
+                self._set("RES_HANDLE", resource.handle)
+            elif command == regs.ResourceCommand.DESTROY:
+                resource = self.resources.destroy(self._get("RES_HANDLE"))
+                self.physical.scrub(resource.extent.offset, resource.extent.size)
+            elif command == regs.ResourceCommand.PLACE:
+                resource = self.resources.get(self._get("RES_HANDLE"))
+                resource.placed = True
+                offset = self.resources.aperture_offset(resource)
+                self._set("RES_OFFSET_LO", offset)
+                self._set("RES_OFFSET_HI", offset >> 32)
+            elif command == regs.ResourceCommand.REMOVE:
+                self.resources.get(self._get("RES_HANDLE")).placed = False
+            else:
+                raise DeviceError(ErrorCode.INVALID_COMMAND, f"no resource command {command}")
+        except DeviceError as exc:
+            log.info("%s: resource command %d failed: %s", self.name, command, exc)
+            self._set("RES_STATUS", exc.code)
+            self._report_error(exc.code)
+            return
+        self._set("RES_STATUS", ErrorCode.NONE)
+
+    # ------------------------------------------------------------------ rings (EngineHost)
+
+    def _ctx(self, context: int, name: str) -> int:
+        return self.register_values[regs.context_register(context, name).offset]
+
+    def _set_ctx(self, context: int, name: str, value: int) -> None:
+        self.register_values[regs.context_register(context, name).offset] = value & 0xFFFFFFFF
+
+    def _enable_ring(self, context: int) -> None:
+        base = self._ctx(context, "RING_BASE_LO") | self._ctx(context, "RING_BASE_HI") << 32
+        size = self._ctx(context, "RING_SIZE")
+        self._generations[context] += 1
+        self._set_ctx(context, "RING_HEAD", 0)
+        self._set_ctx(context, "RING_TAIL", 0)
+        if base % COMMAND_SIZE or size & (size - 1) or not (
+            regs.RING_MIN_SIZE <= size <= regs.RING_MAX_SIZE
+        ):
+            self._set_ctx(context, "RING_STATUS", RingStatus.ERROR)
+            self._report_error(ErrorCode.INVALID_ARGUMENT, context)
+            return
+        self._set_ctx(context, "RING_STATUS", RingStatus.IDLE)
+
+    def next_command(self, context: int) -> tuple[int, int, int] | None:
+        with self._lock:
+            status = self._ctx(context, "RING_STATUS")
+            if status not in (RingStatus.IDLE, RingStatus.BUSY):
+                return None
+            head, tail = self._ctx(context, "RING_HEAD"), self._ctx(context, "RING_TAIL")
+            size = self._ctx(context, "RING_SIZE")
+            if tail >= size or tail % COMMAND_SIZE:
+                self._set_ctx(context, "RING_STATUS", RingStatus.ERROR)
+                self._report_error(ErrorCode.INVALID_ARGUMENT, context, tail)
+                return None
+            if head == tail:
+                self._set_ctx(context, "RING_STATUS", RingStatus.IDLE)
+                return None
+            self._set_ctx(context, "RING_STATUS", RingStatus.BUSY)
+            base = self._ctx(context, "RING_BASE_LO") | self._ctx(context, "RING_BASE_HI") << 32
+            generation = self._generations[context]
+        self._command_lock.acquire()
+        return generation, base + head, head
+
+    def command_done(self, context: int, generation: int) -> None:
+        try:
+            with self._lock:
+                if generation != self._generations[context]:
+                    return
+                size = self._ctx(context, "RING_SIZE")
+                self._set_ctx(context, "RING_HEAD",
+                              (self._ctx(context, "RING_HEAD") + COMMAND_SIZE) % size)
+        finally:
+            self._command_lock.release()
+
+    def command_failed(self, context: int, generation: int, code: ErrorCode) -> None:
+        try:
+            with self._lock:
+                if generation != self._generations[context]:
+                    return
+                self._set_ctx(context, "RING_STATUS", RingStatus.ERROR)
+                self._report_error(code, context, self._ctx(context, "RING_HEAD"))
+        finally:
+            self._command_lock.release()
+
+    def fence(self, context: int, generation: int, value: int) -> None:
+        with self._lock:
+            if generation != self._generations[context]:
                 return
-            guest = self._reg("DMA_GUEST_ADDR_LO") | self._reg("DMA_GUEST_ADDR_HI") << 32
-            self._set_reg("DMA_STATUS", regs.DmaStatus.BUSY)
-            offset, length = self._reg("DMA_APERTURE_OFFSET"), self._reg("DMA_LENGTH")
-            self._jobs.put((self._generation, value, guest, offset, length))
+            self._set_ctx(context, "FENCE_LO", value)
+            self._set_ctx(context, "FENCE_HI", value >> 32)
+            self._raise(IntBit.FENCE)
+
+    def resource_range(self, handle: int, offset: int, length: int) -> tuple[int, int]:
+        with self._lock:
+            resource = self.resources.get(handle)
+            if offset < 0 or length < 0 or offset + length > resource.size:
+                raise DeviceError(
+                    ErrorCode.OUT_OF_BOUNDS,
+                    f"{offset:#x}+{length:#x} outside resource {handle:#x} ({resource.size:#x})",
+                )
+            start = resource.extent.offset + offset
+            return start, start + length
+
+    def guest_memory(self) -> DmaTable:
+        dma = self.dma
+        if dma is None:
+            raise DeviceError(ErrorCode.DMA_FAULT, "no client: guest memory is not mapped")
+        return dma
 
     # ------------------------------------------------------------------ bring-up DMA engine
 
-    def _work(self) -> None:
+    def _start_bring_up_dma(self, value: int) -> None:
+        if self._get("DMA_STATUS") == regs.DmaStatus.BUSY or value not in (
+            regs.DmaCommand.TO_APERTURE, regs.DmaCommand.FROM_APERTURE
+        ):
+            return
+        guest = self._get("DMA_GUEST_ADDR_LO") | self._get("DMA_GUEST_ADDR_HI") << 32
+        self._set("DMA_STATUS", regs.DmaStatus.BUSY)
+        offset, length = self._get("DMA_APERTURE_OFFSET"), self._get("DMA_LENGTH")
+        self._jobs.put((self._dma_generation, value, guest, offset, length))
+
+    def _bring_up_dma(self) -> None:
         while (job := self._jobs.get()) is not None:
             generation, command, guest, aperture_offset, length = job
             error = 0
@@ -273,11 +519,11 @@ class GpuInstance:
                 dma = self.dma
                 if dma is None:
                     raise VfioUserError(errno.EFAULT, "no client: guest memory is not mapped")
+                window = self.aperture[aperture_offset : aperture_offset + length]
                 if command == regs.DmaCommand.TO_APERTURE:
-                    data = dma.read(guest, length)
-                    self.aperture[aperture_offset : aperture_offset + length] = data
+                    window[:] = dma.read(guest, length)
                 else:
-                    dma.write(guest, self.aperture[aperture_offset : aperture_offset + length])
+                    dma.write(guest, window)
             except VfioUserError as exc:
                 error = exc.errno
                 log.info("%s: DMA %#x+%#x failed: %s", self.name, guest, length, exc)
@@ -285,22 +531,24 @@ class GpuInstance:
                 log.exception("%s: DMA engine bug", self.name)
                 error = errno.EIO
             with self._lock:
-                if generation != self._generation:
+                if generation != self._dma_generation:
                     continue
-                self._set_reg("DMA_ERROR", error)
-                self._set_reg("DMA_STATUS", regs.DmaStatus.ERROR if error else regs.DmaStatus.DONE)
-                irqs = self.irqs
-            if irqs is not None:
-                irqs.raise_irq(PciIrq.MSIX, 0)
+                self._set("DMA_ERROR", error)
+                self._set("DMA_STATUS", regs.DmaStatus.ERROR if error else regs.DmaStatus.DONE)
+                self._raise(IntBit.DMA)
 
     # ------------------------------------------------------------------ config side effects
 
-    def _on_config_write(self, offset: int, length: int) -> None:
+    def _flr_requested(self, offset: int, length: int) -> bool:
+        """After a config write (lock held): did it start a function-level reset?"""
         devctl = self._pcie_offset + PCIE_DEVCTL
         if offset <= devctl + 1 and devctl < offset + length:
-            if self.config.get16(devctl) & PCIE_DEVCTL_FLR:
-                self.config.set16(devctl, self.config.get16(devctl) & ~PCIE_DEVCTL_FLR)
+            value = self.config.get16(devctl)
+            if value & PCIE_DEVCTL_FLR:
+                self.config.set16(devctl, value & ~PCIE_DEVCTL_FLR)
                 log.info("%s: function-level reset requested", self.name)
-                self._reset_registers()
-                self.resets += 1
+                return True
+        return False
 
+
+_DYNAMIC = frozenset(_reg(n) for n in ("MEM_FREE_LO", "MEM_FREE_HI", "RESOURCE_COUNT"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 import errno
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..protocol.errors import VfioUserError
@@ -81,9 +80,6 @@ class ConfigSpace:
         self._last_cap = 0
         self._next_cap_offset = 0x40
         self.bars: dict[int, Bar] = {}
-        # Called after a write lands, with (offset, length); lets the owner react to
-        # e.g. a function-level reset or a power-state change.
-        self.write_hooks: list[Callable[[int, int], None]] = []
 
     # ---------------------------------------------------------------- building
 
@@ -185,8 +181,6 @@ class ConfigSpace:
             new = (old & ~wmask) | (value & wmask)
             new &= ~(value & w1c)
             self.data[pos] = new & 0xFF
-        for hook in self.write_hooks:
-            hook(offset, len(data))
 
 
 def _check_range(offset: int, count: int) -> None:

@@ -66,8 +66,9 @@ def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(
 ) -> None:
     device, _, client, memory = served
     client.dma_map(GUEST_BASE, GUEST_SIZE)  # no fd: only messages reach this memory
-    eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    client.set_irq_eventfds(PciIrq.MSIX, (eventfd,))
+    vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
+    client.set_irq_eventfds(PciIrq.MSIX, vectors)
+    eventfd = vectors[regs.INT_VECTORS[regs.IntBit.DMA]]
     length = (1 << 20) + 4096 + 3  # more than max_data_xfer_size: several DMA messages
     pattern = bytes((i * 7 + 1) & 0xFF for i in range(length))
     memory.write(GUEST_BASE, pattern)
@@ -83,7 +84,9 @@ def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(
     assert run_copy(client, regs.DmaCommand.FROM_APERTURE, target, 0x1000, length) == 2
     assert memory.read(target, length) == pattern
     assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == 0
-    os.close(eventfd)
+    assert client.read32(PciRegion.BAR0, reg("INT_STATUS")) & regs.IntBit.DMA
+    for fd in vectors:
+        os.close(fd)
 
 
 def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(
