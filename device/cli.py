@@ -9,8 +9,12 @@ import sys
 import threading
 from pathlib import Path
 
-from .gpu.instance import DEFAULT_APERTURE_SIZE, GpuInstance
-from .server import Endpoint, SocketPathError
+from .gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, CapacityError, PhysicalGpu
+from .gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
+from .manager import GpuServer
+from .server import SocketPathError
+
+DEFAULT_TYPE = "mgpu-256"
 
 log = logging.getLogger("mgpu")
 
@@ -33,23 +37,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
-        help="serve a GPU instance on a unix socket",
-        description="Serve GPU instances on vfio-user unix sockets until SIGTERM or "
-        "SIGINT, then remove the sockets and exit 0. Attach one with QEMU's "
+        help="serve GPU instances on unix sockets",
+        description="Create a physical GPU and one GPU instance per --socket on it, serve "
+        "each on its vfio-user unix socket until SIGTERM or SIGINT, then remove the "
+        "sockets and exit 0. Attach one with QEMU's "
         "-device vfio-user-pci,socket.type=unix,socket.path=PATH.",
     )
     serve.add_argument("--socket", required=True, type=Path, metavar="PATH", action="append",
                        help="unix socket path to listen on (its directory must exist); "
                        "repeat to serve several GPU instances from this one process")
-    serve.add_argument("--aperture-size", type=parse_size, default=DEFAULT_APERTURE_SIZE,
-                       metavar="SIZE",
-                       help="size of the BAR2 aperture, a power of two (default: 256M)")
+    serve.add_argument("--type", default=DEFAULT_TYPE, metavar="TYPE",
+                       help=f"instance type (default: {DEFAULT_TYPE}); one of: "
+                       + ", ".join(f"{t.name} ({t.description})" for t in DEFAULT_TYPES))
+    serve.add_argument("--aperture-size", type=parse_size, default=None, metavar="SIZE",
+                       help="instead of --type: a custom type with this much device memory "
+                       "(a power of two; it is also the BAR2 aperture size)")
+    serve.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
+                       help="device memory of the physical GPU (default: 1G, or enough for "
+                       "every instance asked for)")
     serve.add_argument("--name", default=None,
                        help="instance name used in logs (default: gpu0, gpu1, ...)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="logging verbosity on stderr (default: info)")
+    types = sub.add_parser("types", help="list instance types and how many fit",
+                           description="List the instance types and available_instances of "
+                           "each on a physical GPU of --memory bytes.")
+    types.add_argument("--memory", type=parse_size, default=DEFAULT_MEMORY, metavar="SIZE")
     return parser
+
+
+def make_physical(args: argparse.Namespace, count: int) -> tuple[PhysicalGpu, str]:
+    """The physical GPU and the instance type the arguments ask for."""
+    if args.aperture_size is not None:
+        itype = InstanceType("custom", args.aperture_size, MAX_CONTEXTS_PER_INSTANCE,
+                             f"{args.aperture_size >> 20} MiB, given on the command line")
+        types: tuple[InstanceType, ...] = (*DEFAULT_TYPES, itype)
+    else:
+        types = DEFAULT_TYPES
+        matches = [t for t in types if t.name == args.type]
+        if not matches:
+            raise ValueError(f"unknown type {args.type!r}; `mgpu types` lists them")
+        itype = matches[0]
+    memory = args.memory or max(DEFAULT_MEMORY, itype.memory * count)
+    contexts = max(DEFAULT_CONTEXTS, itype.contexts * count)
+    return PhysicalGpu(memory, contexts, types), itype.name
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -57,26 +89,22 @@ def serve(args: argparse.Namespace) -> int:
     names = [args.name] if len(sockets) == 1 and args.name else [
         f"{args.name or 'gpu'}{i}" for i in range(len(sockets))
     ]
-    devices: list[GpuInstance] = []
-    endpoints: list[Endpoint] = []
-
-    def close_all() -> None:
-        for endpoint in endpoints:
-            endpoint.stop()
-        for device in devices:
-            device.close()
-
+    try:
+        physical, type_name = make_physical(args, len(sockets))
+    except ValueError as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    server = GpuServer(physical)
     for name, path in zip(names, sockets, strict=True):
         try:
-            devices.append(GpuInstance(name, args.aperture_size))
-            endpoints.append(Endpoint(path, devices[-1], name))
-        except ValueError as exc:
-            log.error("bad instance configuration: %s", exc)
-            close_all()
+            server.create_instance(name, type_name, path)
+        except CapacityError as exc:
+            log.error("cannot create %s: %s", name, exc)
+            server.close()
             return 2
         except SocketPathError as exc:
             log.error("cannot serve on %s: %s", path, exc)
-            close_all()
+            server.close()
             return 1
     stop = threading.Event()
 
@@ -86,29 +114,41 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for name, endpoint in zip(names, endpoints, strict=True):
-        endpoint.start()
-        log.info("serving %s on %s (aperture %d MiB)", name, endpoint.path,
-                 args.aperture_size >> 20)
-        print(f"ready {endpoint.path}", flush=True)
+    for served in server.instances.values():
+        log.info("serving %s (%s, %d MiB aperture) on %s", served.device.name, type_name,
+                 served.device.aperture_size >> 20, served.endpoint.path)
+        print(f"ready {served.endpoint.path}", flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        close_all()
+        server.close()
+    return 0
+
+
+def list_types(args: argparse.Namespace) -> int:
+    physical = PhysicalGpu(args.memory, DEFAULT_CONTEXTS, DEFAULT_TYPES)
+    try:
+        print(f"{'type':<12}{'memory':>10}{'contexts':>10}{'available':>11}  description")
+        for t in DEFAULT_TYPES:
+            print(f"{t.name:<12}{t.memory >> 20:>8}Mi{t.contexts:>10}"
+                  f"{physical.available_instances(t.name):>11}  {t.description}")
+    finally:
+        physical.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO) if "log_level" in args
-        else logging.INFO,
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command == "serve":
         return serve(args)
+    if args.command == "types":
+        return list_types(args)
     return 2
 
 

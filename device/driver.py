@@ -1,0 +1,164 @@
+"""A reference driver for the mgpu device, in Python, over the vfio-user client.
+
+It programs the device exactly as a guest kernel driver would (registers, a command
+ring in "guest" memory, fences, interrupts), with the client standing in for QEMU and
+a memfd standing in for guest RAM.  Tests, benchmarks and tools use it; guest-driver
+developers can read it as executable documentation of the register interface.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from .client import VfioUserClient
+from .gpu import registers as regs
+from .gpu.commands import COMMAND_SIZE, Opcode, encode
+from .protocol.constants import PciIrq, PciRegion
+
+
+class DriverError(Exception):
+    """The device reported an error (``code`` is its ErrorCode)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{message}: {regs.ErrorCode(code).name}")
+        self.code = code
+
+
+class GuestRam:
+    """A memfd the client maps as fd-backed guest RAM at ``base``, with a bump allocator."""
+
+    def __init__(self, client: VfioUserClient, base: int = 0x1000_0000,
+                 size: int = 64 << 20) -> None:
+        self.base, self.size = base, size
+        self.fd = os.memfd_create("mgpu-driver-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        client.dma_map(base, size, fd=self.fd)
+        self._next = base
+
+    def alloc(self, size: int, align: int = 4096) -> int:
+        address = (self._next + align - 1) // align * align
+        if address + size > self.base + self.size:
+            raise MemoryError("driver guest RAM exhausted")
+        self._next = address + size
+        return address
+
+    def read(self, address: int, length: int) -> bytes:
+        return os.pread(self.fd, length, address - self.base)
+
+    def write(self, address: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, address - self.base)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class MgpuDriver:
+    def __init__(self, client: VfioUserClient, ram: GuestRam | None = None,
+                 ring_size: int = 64 * 1024, context: int = 0) -> None:
+        self.client = client
+        self.ram = ram or GuestRam(client)
+        self.context = context
+        if client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) != regs.ID_VALUE:
+            raise DriverError(0, "not an mgpu device")
+        # One eventfd per MSI-X vector we use: FENCE, ERROR, DMA.
+        self.vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
+        client.set_irq_eventfds(PciIrq.MSIX, self.vectors)
+        self.ring_size = ring_size
+        self.ring = self.ram.alloc(ring_size)
+        self.fence_slot = self.ram.alloc(8)
+        self.tail = 0
+        self.fence_value = 0
+        self.setup_ring()
+
+    # ------------------------------------------------------------------ registers
+
+    def read(self, name: str) -> int:
+        return self.client.read32(PciRegion.BAR0, regs.BY_NAME[name].offset)
+
+    def write(self, name: str, value: int) -> None:
+        self.client.write32(PciRegion.BAR0, regs.BY_NAME[name].offset, value)
+
+    def ctx(self, name: str) -> str:
+        return f"CTX{self.context}_{name}"
+
+    # ------------------------------------------------------------------ resources
+
+    def _resource_command(self, command: regs.ResourceCommand) -> None:
+        self.write("RES_COMMAND", command)
+        status = self.read("RES_STATUS")
+        if status:
+            raise DriverError(status, f"{command.name} failed")
+
+    def create(self, size: int) -> int:
+        self.write("RES_SIZE_LO", size & 0xFFFFFFFF)
+        self.write("RES_SIZE_HI", size >> 32)
+        self._resource_command(regs.ResourceCommand.CREATE)
+        return self.read("RES_HANDLE")
+
+    def destroy(self, handle: int) -> None:
+        self.write("RES_HANDLE", handle)
+        self._resource_command(regs.ResourceCommand.DESTROY)
+
+    def place(self, handle: int) -> int:
+        self.write("RES_HANDLE", handle)
+        self._resource_command(regs.ResourceCommand.PLACE)
+        return self.read("RES_OFFSET_LO") | self.read("RES_OFFSET_HI") << 32
+
+    def remove(self, handle: int) -> None:
+        self.write("RES_HANDLE", handle)
+        self._resource_command(regs.ResourceCommand.REMOVE)
+
+    # ------------------------------------------------------------------ ring
+
+    def setup_ring(self) -> None:
+        self.write(self.ctx("RING_CONTROL"), 0)
+        self.write(self.ctx("RING_BASE_LO"), self.ring & 0xFFFFFFFF)
+        self.write(self.ctx("RING_BASE_HI"), self.ring >> 32)
+        self.write(self.ctx("RING_SIZE"), self.ring_size)
+        self.write(self.ctx("RING_CONTROL"), regs.RING_CONTROL_ENABLE)
+        self.tail = 0
+        if self.read(self.ctx("RING_STATUS")) != regs.RingStatus.IDLE:
+            raise DriverError(self.read("ERROR_CODE"), "ring did not start")
+
+    def submit(self, *commands: bytes) -> None:
+        """Write commands at the tail and ring the doorbell."""
+        for command in commands:
+            self.ram.write(self.ring + self.tail, command)
+            self.tail = (self.tail + COMMAND_SIZE) % self.ring_size
+        self.write(self.ctx("RING_TAIL"), self.tail)
+        self.write(self.ctx("DOORBELL"), 1)
+
+    def fence(self) -> bytes:
+        self.fence_value += 1
+        return encode(Opcode.FENCE, guest_addr=self.fence_slot, value=self.fence_value)
+
+    def run(self, *commands: bytes, timeout: float = 30.0) -> None:
+        """Submit commands plus a fence and wait for the fence interrupt."""
+        self.submit(*commands, self.fence())
+        self.wait_fence(self.fence_value, timeout)
+
+    def wait_fence(self, value: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        fence_fd, error_fd = self.vectors[0], self.vectors[1]
+        while True:
+            done = int.from_bytes(self.ram.read(self.fence_slot, 8), "little")
+            if done >= value:
+                self.write("INT_ACK", regs.IntBit.FENCE)
+                return
+            if self.read(self.ctx("RING_STATUS")) == regs.RingStatus.ERROR:
+                raise DriverError(self.read("ERROR_CODE"), "command failed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"fence {value} not signalled in {timeout}s")
+            # Wait for the fence or error interrupt (register reads above answer any
+            # DMA request the device sent meanwhile).
+            ready, _, _ = select.select([fence_fd, error_fd], [], [], min(left, 0.05))
+            for fd in ready:
+                os.eventfd_read(fd)
+
+    def close(self) -> None:
+        for fd in self.vectors:
+            os.close(fd)
+        self.ram.close()
