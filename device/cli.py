@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .gpu.instance import INTERRUPT_MODES
 from .gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, CapacityError, PhysicalGpu
 from .gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
 from .manager import GpuServer
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
                        help="device memory of the physical GPU (default: 1G, or enough for "
                        "every instance asked for)")
+    serve.add_argument("--interrupts", choices=INTERRUPT_MODES, default="msix",
+                       help="msix (default, 8 vectors) or msi (4 vectors). QEMU 11.1.3 aborts "
+                       "when it hot-unplugs a vfio-user device with MSI-X: use msi for "
+                       "instances you will device_del")
     serve.add_argument("--name", default=None,
                        help="instance name used in logs (default: gpu0, gpu1, ...)")
     serve.add_argument("--log-level", default="info",
@@ -97,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     server = GpuServer(physical)
     for name, path in zip(names, sockets, strict=True):
         try:
-            server.create_instance(name, type_name, path)
+            server.create_instance(name, type_name, path, args.interrupts)
         except CapacityError as exc:
             log.error("cannot create %s: %s", name, exc)
             server.close()

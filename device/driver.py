@@ -8,6 +8,7 @@ developers can read it as executable documentation of the register interface.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import time
@@ -62,9 +63,11 @@ class MgpuDriver:
         self.context = context
         if client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) != regs.ID_VALUE:
             raise DriverError(0, "not an mgpu device")
-        # One eventfd per MSI-X vector we use: FENCE, ERROR, DMA.
+        # One eventfd per vector we use: FENCE, ERROR, DMA; MSI-X, or MSI if that is all.
+        self.irq_index = PciIrq.MSIX if client.irq_info(PciIrq.MSIX).count else PciIrq.MSI
         self.vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
-        client.set_irq_eventfds(PciIrq.MSIX, self.vectors)
+        client.set_irq_eventfds(self.irq_index, self.vectors)
+        self.interrupts_seen = [0] * len(self.vectors)  # per vector, counted by drain
         self.ring_size = ring_size
         self.ring = self.ram.alloc(ring_size)
         self.fence_slot = self.ram.alloc(8)
@@ -154,9 +157,27 @@ class MgpuDriver:
                 raise TimeoutError(f"fence {value} not signalled in {timeout}s")
             # Wait for the fence or error interrupt (register reads above answer any
             # DMA request the device sent meanwhile).
-            ready, _, _ = select.select([fence_fd, error_fd], [], [], min(left, 0.05))
-            for fd in ready:
-                os.eventfd_read(fd)
+            select.select([fence_fd, error_fd], [], [], min(left, 0.05))
+            self.drain_interrupts()
+
+    def drain_interrupts(self) -> list[int]:
+        """Count (and clear) the interrupts signalled so far; returns the totals."""
+        for vector, fd in enumerate(self.vectors):
+            with contextlib.suppress(BlockingIOError):
+                self.interrupts_seen[vector] += os.eventfd_read(fd)
+        return self.interrupts_seen
+
+    def wait_interrupt(self, cause: regs.IntBit, timeout: float = 10.0) -> bool:
+        """Wait until the vector of ``cause`` has fired at least once more."""
+        vector = regs.INT_VECTORS[cause]
+        seen = self.interrupts_seen[vector]
+        deadline = time.monotonic() + timeout
+        while self.drain_interrupts()[vector] == seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self.vectors[vector]], [], [], left)
+        return True
 
     def close(self) -> None:
         for fd in self.vectors:

@@ -32,11 +32,13 @@ class GpuServer:
         self.instances: dict[str, ServedInstance] = {}
         self._lock = threading.Lock()
 
-    def create_instance(self, name: str, type_name: str, socket_path: Path) -> ServedInstance:
+    def create_instance(self, name: str, type_name: str, socket_path: Path,
+                        interrupts: str = "msix") -> ServedInstance:
         with self._lock:
             if name in self.instances:
                 raise CapacityError(f"instance {name!r} already exists")
-            device = GpuInstance(name, physical=self.physical, instance_type=type_name)
+            device = GpuInstance(name, physical=self.physical, instance_type=type_name,
+                                 interrupts=interrupts)
             try:
                 endpoint = Endpoint(socket_path, device, name)
             except BaseException:

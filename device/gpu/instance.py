@@ -7,8 +7,14 @@ Region layout (vfio PCI region indexes):
   BAR2  the aperture, 64-bit prefetchable: the instance's partition of device memory,
         one sparse-mmap area of the physical GPU's memfd that QEMU maps once at realize,
         so guest accesses never reach this process.
-  BAR4  16 KiB, 32-bit MMIO: the MSI-X table (QEMU emulates it) and PBA.
+  BAR4  16 KiB, 32-bit MMIO: the MSI-X table (QEMU emulates it) and PBA; only with
+        MSI-X interrupts.
   CONFIG 4 KiB PCI Express config space.
+
+Interrupts are MSI-X (8 vectors, the default, as on real GPUs) or MSI (4 vectors).
+QEMU 11.1.3 aborts when it hot-unplugs a vfio-user device that has MSI-X (an
+assertion in memory_region_del_subregion while it finalizes the device's PBA
+region), so an instance meant to be hot-unplugged must use MSI.
 
 Locking: ``_lock`` guards registers, resources and ring state.  The socket thread
 (register accesses), the engine thread and the bring-up DMA worker take it only for
@@ -61,6 +67,8 @@ MSIX_BAR = 4
 MSIX_BAR_SIZE = 16 * 1024
 MSIX_TABLE_OFFSET = 0x0000
 MSIX_PBA_OFFSET = 0x2000
+MSI_VECTORS = 4
+INTERRUPT_MODES = ("msix", "msi")
 DEFAULT_APERTURE_SIZE = 256 * 1024 * 1024
 
 # PCI Express capability (version 2, endpoint) register offsets inside the capability.
@@ -87,8 +95,12 @@ class GpuInstance:
 
     def __init__(self, name: str = "gpu0", aperture_size: int = DEFAULT_APERTURE_SIZE, *,
                  physical: PhysicalGpu | None = None,
-                 instance_type: str | None = None) -> None:
+                 instance_type: str | None = None, interrupts: str = "msix") -> None:
+        if interrupts not in INTERRUPT_MODES:
+            raise ValueError(f"interrupts must be one of {INTERRUPT_MODES}, not {interrupts!r}")
         self.name = name
+        self.interrupts = interrupts
+        self.irq_index = PciIrq.MSIX if interrupts == "msix" else PciIrq.MSI
         self._owns_physical = physical is None
         if physical is None:
             private = InstanceType("private", aperture_size, MAX_CONTEXTS_PER_INSTANCE,
@@ -134,21 +146,29 @@ class GpuInstance:
         )
         cfg.add_bar(Bar(0, regs.BAR0_SIZE))
         cfg.add_bar(Bar(2, self.aperture_size, BarKind.MEM64, prefetchable=True))
-        cfg.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE))
+        if self.interrupts == "msix":
+            cfg.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE))
         # Power management v3, D0 only, NoSoftReset; PMCSR power state bits writable.
         cfg.add_capability(
             CapabilityId.POWER_MANAGEMENT,
             struct.pack("<HHBB", 0x0003, 0x0008, 0, 0),
             wmask=struct.pack("<HH", 0, 0x0003),
         )
-        # MSI-X: table and PBA in BAR4; enable and function-mask bits writable.
-        cfg.add_capability(
-            CapabilityId.MSIX,
-            struct.pack(
-                "<HII", MSIX_VECTORS - 1, MSIX_TABLE_OFFSET | MSIX_BAR, MSIX_PBA_OFFSET | MSIX_BAR
-            ),
-            wmask=struct.pack("<H", 0xC000),
-        )
+        if self.interrupts == "msix":
+            # MSI-X: table and PBA in BAR4; enable and function-mask bits writable.
+            cfg.add_capability(
+                CapabilityId.MSIX,
+                struct.pack("<HII", MSIX_VECTORS - 1, MSIX_TABLE_OFFSET | MSIX_BAR,
+                            MSIX_PBA_OFFSET | MSIX_BAR),
+                wmask=struct.pack("<H", 0xC000),
+            )
+        else:
+            # MSI, 64-bit addresses, 4 vectors (multiple message capable = 2).
+            cfg.add_capability(
+                CapabilityId.MSI,
+                struct.pack("<HIIH", 0x0084, 0, 0, 0),
+                wmask=struct.pack("<HIIH", 0x0071, 0xFFFFFFFC, 0xFFFFFFFF, 0xFFFF),
+            )
         # PCI Express v2 endpoint, FLR capable, link x1 at 2.5 GT/s.
         pcie = bytearray(0x3C - 2)
         struct.pack_into("<H", pcie, 0x02 - 2, 0x0002)  # capabilities: version 2, endpoint
@@ -198,7 +218,7 @@ class GpuInstance:
             area = SparseArea(0, self.partition.size)
             info = RegionInfo(index, flags, self.aperture_size, self.partition.offset, (area,))
             return info, self.physical.memory_fd
-        if index == PciRegion.BAR4:
+        if index == PciRegion.BAR4 and self.interrupts == "msix":
             return RegionInfo(index, rw, MSIX_BAR_SIZE), None
         if index == PciRegion.CONFIG:
             return RegionInfo(index, rw, len(self.config.data)), None
@@ -210,8 +230,10 @@ class GpuInstance:
         eventfd = IrqInfoFlags.EVENTFD
         return [
             IrqInfo(PciIrq.INTX, eventfd | IrqInfoFlags.MASKABLE, 0),
-            IrqInfo(PciIrq.MSI, eventfd | IrqInfoFlags.NORESIZE, 0),
-            IrqInfo(PciIrq.MSIX, eventfd | IrqInfoFlags.NORESIZE, MSIX_VECTORS),
+            IrqInfo(PciIrq.MSI, eventfd | IrqInfoFlags.NORESIZE,
+                    MSI_VECTORS if self.interrupts == "msi" else 0),
+            IrqInfo(PciIrq.MSIX, eventfd | IrqInfoFlags.NORESIZE,
+                    MSIX_VECTORS if self.interrupts == "msix" else 0),
             IrqInfo(PciIrq.ERR, eventfd, 1),
             IrqInfo(PciIrq.REQ, eventfd, 1),
         ]
@@ -368,7 +390,7 @@ class GpuInstance:
         self._set("INT_STATUS", self._get("INT_STATUS") | cause)
         irqs = self.irqs
         if irqs is not None and not self._get("INT_MASK") & cause:
-            irqs.raise_irq(PciIrq.MSIX, regs.INT_VECTORS[cause])
+            irqs.raise_irq(self.irq_index, regs.INT_VECTORS[cause])
 
     def _report_error(self, code: ErrorCode, context: int = NO_CONTEXT,
                       ring_offset: int = 0) -> None:

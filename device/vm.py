@@ -1,0 +1,263 @@
+"""Boot a guest in QEMU with GPU instances attached, and drive it: QMP and a guest agent.
+
+``GuestVM`` is a context manager: whatever happens, QEMU is killed (by its PID) and
+its sockets are removed on exit.  QMP goes through ``qemu.qmp`` (QEMU listens on a
+socket we serve, as QEMU's own ``QEMUMachine`` does).  Commands run in the guest
+through the agent that ``/init`` starts on the second serial port: each command's
+output comes back framed by BEGIN/END markers with its exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from guest_images import Runtime
+
+BOOT_TIMEOUT = 120.0
+
+
+class GuestError(Exception):
+    """The guest or QEMU misbehaved; the message carries the serial log's tail."""
+
+
+def vfio_user_device(dev_id: str, bus: str, socket_path: Path) -> dict[str, Any]:
+    return {"driver": "vfio-user-pci", "id": dev_id, "bus": bus,
+            "socket": {"type": "unix", "path": str(socket_path)}}
+
+
+def qemu_command(runtime: Runtime, *, memory_mb: int = 512, accel: str = "tcg",
+                 vfio_user_sockets: Sequence[Path] = (), spare_root_ports: int = 2,
+                 shared_ram: bool = True, append: str = "", serial: Sequence[str] = (),
+                 extra_args: Sequence[str] = ()) -> list[str]:
+    """QEMU's argv: q35, our kernel and initramfs, one root port per GPU plus spares."""
+    argv = [*runtime.qemu_argv, "-machine", f"q35,accel={accel}", "-m", str(memory_mb),
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-kernel", str(runtime.kernel), "-initrd", str(runtime.initrd),
+            "-append", f"console=ttyS0 panic=-1 {append}".strip()]
+    if accel == "tcg":
+        argv += ["-cpu", "max"]
+    if shared_ram:
+        # fd-backed, shared guest RAM: DMA_MAP then comes with fds the server can mmap.
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+                 "-machine", "memory-backend=mem"]
+    for spec in serial:
+        argv += ["-serial", spec]
+    ports = len(vfio_user_sockets) + spare_root_ports
+    for n in range(ports):
+        argv += ["-device", f"pcie-root-port,id=rp{n},chassis={n + 1},slot={n + 1},bus=pcie.0"]
+    for n, path in enumerate(vfio_user_sockets):
+        argv += ["-device", json.dumps(vfio_user_device(f"gpu{n}", f"rp{n}", path))]
+    return [*argv, *extra_args]
+
+
+class GuestVM:
+    def __init__(self, runtime: Runtime, workdir: Path, *,
+                 vfio_user_sockets: Sequence[Path] = (), memory_mb: int = 512,
+                 accel: str = "tcg", shared_ram: bool = True, cmdline_extra: str = "",
+                 extra_args: Sequence[str] = (), boot_timeout: float = BOOT_TIMEOUT) -> None:
+        self.runtime = runtime
+        self.workdir = Path(workdir)
+        self.vfio_user_sockets = list(vfio_user_sockets)
+        self.memory_mb = memory_mb
+        self.accel = accel
+        self.shared_ram = shared_ram
+        self.cmdline_extra = cmdline_extra
+        self.extra_args = list(extra_args)
+        self.boot_timeout = boot_timeout
+        self.serial_log = self.workdir / "serial.log"
+        self.qemu_log = self.workdir / "qemu.log"
+        self.qmp_path = self.workdir / "qmp.sock"
+        self.agent_path = self.workdir / "agent.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self._agent: socket.socket | None = None
+        self._agent_buffer = b""
+        self._next_id = 1
+        self.boot_seconds: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def command_line(self) -> list[str]:
+        return qemu_command(
+            self.runtime, memory_mb=self.memory_mb, accel=self.accel,
+            vfio_user_sockets=self.vfio_user_sockets, shared_ram=self.shared_ram,
+            append=f"mgpu.agent=1 {self.cmdline_extra}",
+            serial=[f"file:{self.serial_log}", "chardev:agent"],
+            extra_args=[
+                "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+                "-chardev", f"socket,id=qmp,path={self.qmp_path}",
+                "-object", "monitor-qmp,id=qmp-monitor,chardev=qmp",
+                *self.extra_args,
+            ],
+        )
+
+    def start(self) -> None:
+        """Launch QEMU and wait until QMP is up and the guest agent says it is ready."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self.qmp = QEMUMonitorProtocol(str(self.qmp_path), server=True)
+        with open(self.qemu_log, "wb") as log:
+            self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self.qmp.accept(timeout=30)
+        except Exception as exc:
+            raise GuestError(f"QEMU did not connect to QMP: {exc}\n{self.diagnostics()}") from exc
+        self._connect_agent(started + self.boot_timeout)
+        self._wait_for(b"@@MGPU-READY\n", started + self.boot_timeout)
+        self.boot_seconds = time.monotonic() - started
+
+    def _connect_agent(self, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.agent_path))
+                self._agent = sock
+                return
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise GuestError(f"no agent socket\n{self.diagnostics()}") from None
+                time.sleep(0.05)
+
+    def _check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise GuestError(f"QEMU exited with status {self.process.returncode}\n"
+                             f"{self.diagnostics()}")
+
+    def diagnostics(self) -> str:
+        parts = [f"command line: {' '.join(self.command_line())}"]
+        for name, path in (("QEMU output", self.qemu_log), ("serial console", self.serial_log)):
+            with contextlib.suppress(OSError):
+                tail = path.read_text(errors="replace")[-3000:]
+                parts.append(f"--- {name} (tail) ---\n{tail}")
+        return "\n".join(parts)
+
+    def quit(self, timeout: float = 30) -> int:
+        """QMP quit; returns QEMU's exit status."""
+        assert self.qmp is not None and self.process is not None
+        with contextlib.suppress(Exception):
+            self.qmp.cmd("quit")
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.close()
+            self.qmp = None
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+        for path in (self.qmp_path, self.agent_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def __enter__(self) -> GuestVM:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ guest agent
+
+    def _wait_for(self, marker: bytes, deadline: float) -> bytes:
+        """Read agent output until ``marker``; returns everything before it."""
+        assert self._agent is not None
+        while marker not in self._agent_buffer:
+            self._check_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"timed out waiting for {marker!r} from the guest agent\n"
+                                 f"{self.diagnostics()}")
+            self._agent.settimeout(min(left, 1.0))
+            try:
+                chunk = self._agent.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise GuestError(f"guest agent closed its port\n{self.diagnostics()}")
+            self._agent_buffer += chunk
+        before, _, self._agent_buffer = self._agent_buffer.partition(marker)
+        return before
+
+    def run(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a shell command in the guest; returns (exit status, stdout+stderr)."""
+        if "\n" in command:
+            raise ValueError("guest commands are one line")
+        assert self._agent is not None
+        ident = self._next_id
+        self._next_id += 1
+        self._agent.sendall(f"{ident} {command}\n".encode())
+        deadline = time.monotonic() + timeout
+        self._wait_for(f"@@MGPU-BEGIN {ident}\n".encode(), deadline)
+        output = self._wait_for(f"@@MGPU-END {ident} ".encode(), deadline)
+        status = self._wait_for(b"\n", deadline)
+        text = output.decode(errors="replace")
+        return int(status), text[:-1] if text.endswith("\n") else text
+
+    def check(self, command: str, timeout: float = 60) -> str:
+        status, output = self.run(command, timeout)
+        if status != 0:
+            raise GuestError(f"guest command {command!r} exited {status}:\n{output}")
+        return output
+
+    # ------------------------------------------------------------------ QMP
+
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
+        assert self.qmp is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"no QMP event {name} {match} within {timeout}s")
+            event = self.qmp.pull_event(wait=left)
+            if event is None:
+                continue
+            data = event.get("data", {})
+            if event.get("event") == name and all(data.get(k) == v for k, v in match.items()):
+                return dict(event)
+
+    def hot_unplug(self, dev_id: str, timeout: float = 60) -> None:
+        """device_del, then wait for the guest to release it (DEVICE_DELETED)."""
+        assert self.qmp is not None
+        self.qmp.cmd("device_del", id=dev_id)
+        self.wait_event("DEVICE_DELETED", timeout, device=dev_id)
+
+    def hot_plug(self, dev_id: str, bus: str, socket_path: Path) -> None:
+        """device_add a vfio-user GPU on a (hotplug-capable) PCIe root port."""
+        assert self.qmp is not None
+        self.qmp.cmd("device_add", **vfio_user_device(dev_id, bus, socket_path))
+
+
+def probe_kvm(runtime: Runtime, workdir: Path, timeout: float = 60) -> bool:
+    """Does a real guest boot under KVM here?  (Nested KVM on these VMs often cannot.)"""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = qemu_command(runtime, memory_mb=256, accel="kvm", append="mgpu.test=boot",
+                        serial=["stdio"], spare_root_ports=0, shared_ram=False)
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=timeout, text=True,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False
+    return re.search(r"MGPU-DONE rc=0", out.stdout) is not None

@@ -1,0 +1,381 @@
+"""Build the guest runtime: QEMU >= 10.1, a guest kernel and our initramfs.
+
+Stages, each cached under ``cache_dir()`` by a hash of its inputs, built into a
+temporary name and renamed into place (so a half-built stage is never used), and
+serialised by a lock file (a second build waits, then finds the first one's work):
+
+1. ``root-<key>``: a Debian 13 (trixie) root made with mmdebstrap, holding
+   trixie-backports' QEMU, the distribution kernel and busybox-static.  Its QEMU runs
+   on the host through the root's own dynamic loader.  The mirror comes from the
+   host's apt configuration.  Skipped for QEMU when the host's own QEMU is new enough.
+2. ``initramfs-<key>.cpio.gz``: busybox, ``/init`` (init.sh), our guest programs built
+   statically with the host's gcc, and the vfio modules (decompressed) with their
+   modules.dep, written as a newc cpio by Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROGRAMS = HERE / "programs"
+INIT_SCRIPT = HERE / "init.sh"
+
+SUITE = "trixie"
+ROOT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static", "kmod")
+ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
+INITRAMFS_RECIPE = "1"
+# vfio-pci in the guest (noiommu) gives guest programs MSI-X interrupts.
+GUEST_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass")
+MIN_QEMU = (10, 1)
+HOST_PACKAGES = {"mmdebstrap": "mmdebstrap", "gcc": "gcc", "dpkg": "dpkg"}
+
+Progress = Callable[[str], None]
+
+
+class BuildError(Exception):
+    """A build step failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    qemu_argv: tuple[str, ...]  # runs qemu-system-x86_64, loader and -L data dirs included
+    qemu_version: str
+    kernel: Path
+    initrd: Path
+    kvm_usable: bool | None = None
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("MGPU_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mgpu"
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path, progress: Progress) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"another build holds {path}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run(argv: list[str], what: str, progress: Progress, **kwargs: object) -> None:
+    """Run a build command, streaming its output as progress; BuildError on failure."""
+    progress(f"$ {' '.join(argv)}")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)  # type: ignore[call-overload]
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = [*tail[-30:], line]
+        progress(f"  {line}")
+    if proc.wait() != 0:
+        raise BuildError(f"{what} failed (exit {proc.returncode}); last output:\n"
+                         + "\n".join(tail))
+
+
+# ---------------------------------------------------------------------- host
+
+
+def _ensure_host_tools(progress: Progress) -> None:
+    missing = [pkg for tool, pkg in HOST_PACKAGES.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise BuildError("missing host tools; install them with: "
+                         f"apt-get install {' '.join(missing)}")
+    progress(f"installing host packages: {' '.join(missing)}")
+    _run(["apt-get", "update"], "apt-get update", progress)
+    _run(["apt-get", "install", "-y", "--no-install-recommends", *missing],
+         "apt-get install", progress, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def host_mirror() -> str:
+    """The main Debian archive URI of the host's apt configuration."""
+    candidates: list[tuple[str, str]] = []  # (uri, suites)
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        for stanza in Path(path).read_text().split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.lstrip().startswith("#"):
+                    key, value = line.split(":", 1)
+                    fields[key.strip().lower()] = value.strip()
+            if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
+                for uri in fields.get("uris", "").split():
+                    candidates.append((uri, fields.get("suites", "")))
+    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines():
+                match = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+                if match:
+                    candidates.append((match.group(1), match.group(2)))
+    for uri, suites in candidates:
+        if "security" in uri or "security" in suites:
+            continue
+        if "debian" in uri or any(s in suites for s in ("bookworm", "trixie", "stable")):
+            return uri.rstrip("/")
+    raise BuildError("no Debian mirror found in /etc/apt/sources.list{,.d}: configure apt first")
+
+
+def _qemu_version(argv: list[str]) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"version (\d+)\.(\d+)\.?(\d*)", out.stdout)
+    if not match:
+        return None
+    return tuple(int(x) for x in match.groups() if x)
+
+
+def _has_vfio_user(argv: list[str]) -> bool:
+    out = subprocess.run([*argv, "-device", "help"], capture_output=True, text=True, timeout=30)
+    return '"vfio-user-pci"' in out.stdout
+
+
+# ---------------------------------------------------------------------- stages
+
+
+def _root_key() -> str:
+    return _digest(ROOT_RECIPE, SUITE, *ROOT_PACKAGES)
+
+
+def build_root(progress: Progress) -> Path:
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / f"root-{_root_key()}"
+    if (root / ".complete").exists():
+        return root
+    _ensure_host_tools(progress)
+    if os.geteuid() != 0:
+        raise BuildError("building the Debian root needs root (mmdebstrap --mode=root)")
+    mirror = host_mirror()
+    tmp = Path(tempfile.mkdtemp(prefix="root-building-", dir=cache))
+    started = time.monotonic()
+    progress(f"building a Debian {SUITE} root with QEMU from {SUITE}-backports "
+             f"(~500 MB download, about a minute) into {root}")
+    try:
+        tmp.rmdir()  # mmdebstrap wants to create it
+        _run([
+            "mmdebstrap", "--mode=root", "--variant=apt",
+            f'--aptopt=APT::Default-Release "{SUITE}-backports"',
+            "--include=" + ",".join(ROOT_PACKAGES),
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            SUITE, str(tmp),
+            f"deb {mirror} {SUITE} main",
+            f"deb {mirror} {SUITE}-backports main",
+        ], "mmdebstrap of the guest runtime root", progress)
+        (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"root built in {time.monotonic() - started:.0f} s")
+    return root
+
+
+def root_qemu_argv(root: Path) -> list[str]:
+    libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
+    return [f"{root}/lib64/ld-linux-x86-64.so.2", "--library-path", libs,
+            f"{root}/usr/bin/qemu-system-x86_64",
+            "-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"]
+
+
+def find_qemu(root: Path, progress: Progress) -> tuple[list[str], str]:
+    host = shutil.which("qemu-system-x86_64")
+    if host:
+        version = _qemu_version([host])
+        if version and version[:2] >= MIN_QEMU and _has_vfio_user([host]):
+            return [host], ".".join(map(str, version))
+        progress(f"host QEMU {host} is too old or lacks vfio-user-pci; using the cached one")
+    argv = root_qemu_argv(root)
+    version = _qemu_version(argv)
+    if not version or version[:2] < MIN_QEMU:
+        raise BuildError(f"QEMU in {root} reports version {version}; delete {root} to rebuild")
+    if not _has_vfio_user(argv):
+        raise BuildError(f"QEMU in {root} has no vfio-user-pci device")
+    return argv, ".".join(map(str, version))
+
+
+def _kernel(root: Path) -> tuple[Path, str]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise BuildError(f"no kernel in {root}/boot; delete {root} to rebuild")
+    kernel = kernels[-1]
+    return kernel, kernel.name.removeprefix("vmlinuz-")
+
+
+def _compile_programs(out_dir: Path, progress: Progress) -> list[Path]:
+    _ensure_host_tools(progress)
+    binaries = []
+    for source in sorted(PROGRAMS.glob("*.c")):
+        binary = out_dir / source.stem
+        _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)],
+             f"compiling {source.name}", progress)
+        binaries.append(binary)
+    return binaries
+
+
+class _Cpio:
+    """A newc cpio archive (what the kernel unpacks as an initramfs)."""
+
+    def __init__(self) -> None:
+        self.out = io.BytesIO()
+        self.inode = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        encoded = name.encode() + b"\0"
+        fields = [self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.out.write(header + encoded)
+        self.out.write(b"\0" * (-(len(header) + len(encoded)) % 4))
+        self.out.write(data + b"\0" * (-len(data) % 4))
+        self.inode += 1
+
+    def directory(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o755) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.out.getvalue()
+
+
+def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
+    """The guest modules we ship (decompressed) and their dependencies, by path."""
+    moddir = root / "lib" / "modules" / kversion
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
+    wanted: list[str] = []
+    for name in GUEST_MODULES:
+        module = by_name.get(name)
+        if module is None:
+            continue  # built into this kernel
+        for needed in [*deps[module], module]:
+            if needed not in wanted:
+                wanted.append(needed)
+    files: dict[str, bytes] = {}
+    dep_lines = []
+    for path in wanted:
+        data = (moddir / path).read_bytes()
+        plain = path
+        if path.endswith(".xz"):
+            data, plain = lzma.decompress(data), path[:-3]
+        elif path.endswith(".zst"):
+            raise BuildError("zstd-compressed modules are not supported yet")
+        files[plain] = data
+        dep_lines.append(plain + ": " + " ".join(
+            d[:-3] if d.endswith(".xz") else d for d in deps[path]))
+    files["modules.dep"] = ("\n".join(dep_lines) + "\n").encode()
+    return files
+
+
+def _initramfs_key(root_key: str) -> str:
+    parts: list[bytes | str] = [INITRAMFS_RECIPE, root_key, INIT_SCRIPT.read_bytes(),
+                                *GUEST_MODULES]
+    for source in sorted([*PROGRAMS.glob("*.c"), *PROGRAMS.glob("*.h")]):
+        parts += [source.name, source.read_bytes()]
+    return _digest(*parts)
+
+
+def build_initramfs(root: Path, progress: Progress) -> Path:
+    cache = cache_dir()
+    target = cache / f"initramfs-{_initramfs_key(_root_key())}.cpio.gz"
+    if target.exists():
+        return target
+    started = time.monotonic()
+    progress("building the initramfs (busybox, /init, guest programs, vfio modules)")
+    _, kversion = _kernel(root)
+    archive = _Cpio()
+    for directory in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "lib", "lib/modules",
+                      f"lib/modules/{kversion}", "usr", "usr/bin", "usr/sbin", "run", "mnt"):
+        archive.directory(directory)
+    busybox = root / "bin" / "busybox"
+    if not busybox.exists():
+        busybox = root / "usr" / "bin" / "busybox"
+    archive.file("bin/busybox", busybox.read_bytes())
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        if applet != "bin/busybox" and applet.count("/") <= 2:
+            archive.symlink(applet, "/bin/busybox")
+    archive.file("init", INIT_SCRIPT.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="mgpu-programs-") as out:
+        for binary in _compile_programs(Path(out), progress):
+            archive.file(f"bin/{binary.name}", binary.read_bytes())
+    directories = {f"lib/modules/{kversion}"}
+    for path, data in _module_files(root, kversion).items():
+        full = f"lib/modules/{kversion}/{path}"
+        parent = full.rsplit("/", 1)[0]
+        for i in range(len(parent.split("/"))):
+            sub = "/".join(parent.split("/")[: i + 1])
+            if sub not in directories and sub.count("/") >= 2:
+                directories.add(sub)
+                archive.directory(sub)
+        archive.file(full, data, 0o644)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(gzip.compress(archive.finish(), compresslevel=6))
+    tmp.rename(target)
+    progress(f"initramfs built in {time.monotonic() - started:.1f} s: {target}")
+    return target
+
+
+def ensure_runtime(progress: Progress | None = None) -> Runtime:
+    """Build what is missing (or stale) and return where everything is."""
+    say = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / "build.lock", say):
+        root = build_root(say)
+        qemu_argv, qemu_version = find_qemu(root, say)
+        kernel, _ = _kernel(root)
+        initrd = build_initramfs(root, say)
+    return Runtime(tuple(qemu_argv), qemu_version, kernel, initrd)

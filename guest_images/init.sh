@@ -1,0 +1,58 @@
+#!/bin/sh
+# /init of the mgpu guest.  By kernel command line:
+#   mgpu.test=NAME  run a named guest test, print MGPU-RESULT lines and
+#                   "MGPU-DONE rc=N", power off
+#   mgpu.agent=1    serve commands from the host on /dev/ttyS1 (see device/vm.py)
+#   otherwise       an interactive shell on the console; power off when it exits
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+echo "mgpu guest: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPU(s)"
+
+cmdline_arg() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "$1"=*) echo "${word#*=}"; return ;; esac
+    done
+}
+
+run_test() {
+    case "$1" in
+        boot) echo "MGPU-RESULT kernel=$(uname -r)" ;;
+        probe) mgpu-probe find && for bdf in $(mgpu-probe find | sed -n 's/^MGPU-RESULT bdf=//p'); do
+                   mgpu-probe info "$bdf"; done ;;
+        *) echo "unknown guest test '$1'" >&2; return 2 ;;
+    esac
+}
+
+# The host sends "<id> <command>" lines; each answer is framed by BEGIN/END markers so
+# that kernel messages or partial output can never be mistaken for a result.
+agent() {
+    tty=/dev/ttyS1
+    stty -F $tty raw -echo 115200
+    exec 3<>$tty
+    printf '\n@@MGPU-READY\n' >&3
+    while IFS= read -r line <&3; do
+        id=${line%% *}
+        command=${line#* }
+        output=$(sh -c "$command" 2>&1 </dev/null)
+        rc=$?
+        printf '@@MGPU-BEGIN %s\n%s\n@@MGPU-END %s %d\n' "$id" "$output" "$id" "$rc" >&3
+    done
+}
+
+test_name=$(cmdline_arg mgpu.test)
+if [ -n "$test_name" ]; then
+    run_test "$test_name"
+    echo "MGPU-DONE rc=$?"
+elif [ "$(cmdline_arg mgpu.agent)" = 1 ]; then
+    agent
+else
+    echo "mgpu guest ready. 'mgpu-probe find' lists GPU instances; 'mgpu-probe info BDF' shows one."
+    echo "Exit the shell (Ctrl-D) to power off."
+    setsid cttyhack sh
+fi
+poweroff -f
