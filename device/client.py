@@ -23,7 +23,6 @@ from .protocol import messages as m
 from .protocol.codec import Frame, close_fds
 from .protocol.constants import Command, DmaMapFlags, IrqSetFlags
 from .protocol.errors import VfioUserError
-from .protocol.messages import DmaLayout
 from .transport import Connection
 
 DEFAULT_CLIENT_CAPABILITIES: dict[str, object] = {
@@ -64,14 +63,12 @@ class BytearrayMemory:
 
 
 class VfioUserClient:
-    def __init__(self, sock: socket.socket, guest_memory: GuestMemory | None = None,
-                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+    def __init__(self, sock: socket.socket, guest_memory: GuestMemory | None = None) -> None:
         self.connection = Connection(sock)
         self._ids = itertools.count(1)
         self._frames: deque[Frame] = deque()
         self.server_capabilities: dict[str, object] = {}
         self.guest_memory = guest_memory
-        self.dma_layout = dma_layout
         self.server_requests_served = 0
 
     @classmethod
@@ -147,10 +144,10 @@ class VfioUserClient:
         try:
             if frame.fds or self.guest_memory is None:
                 raise VfioUserError(errno.EINVAL, "no guest memory to serve DMA from")
-            access = m.DmaAccess.unpack(frame.payload, layout=self.dma_layout)
+            access = m.DmaAccess.unpack(frame.payload)
             if header.command == Command.DMA_READ:
                 data = self.guest_memory.read(access.address, access.count)
-                payload = m.DmaAccess(access.address, access.count, data).pack(self.dma_layout)
+                payload = m.DmaAccess(access.address, access.count, data).pack()
             elif header.command == Command.DMA_WRITE:
                 if len(access.data) != access.count:
                     raise VfioUserError(errno.EINVAL, "DMA_WRITE count does not match its data")

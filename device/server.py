@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .protocol.errors import FramingError
-from .protocol.messages import DmaLayout
 from .session import DeviceModel, Session
 from .transport import Connection, ConnectionClosed
 
@@ -65,12 +64,10 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class Endpoint:
-    def __init__(self, path: Path, device: DeviceModel, name: str = "gpu",
-                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+    def __init__(self, path: Path, device: DeviceModel, name: str = "gpu") -> None:
         self.path = Path(path)
         self.device = device
         self.name = name
-        self.dma_layout = dma_layout
         self._send_lock = threading.Lock()
         self.listener = bind_unix_socket(self.path)
         self.connection: Connection | None = None
@@ -97,7 +94,7 @@ class Endpoint:
                     return
                 connection = Connection(client)
                 self.connection = connection
-                self.session = Session(self.device, self._sender(connection), self.dma_layout)
+                self.session = Session(self.device, self._sender(connection))
                 self.session.protocol_thread = threading.get_ident()
             log.info("%s: client connected", self.name)
             try:

@@ -38,7 +38,6 @@ from .protocol.constants import (
     HeaderFlags,
 )
 from .protocol.errors import ProtocolError, UnsupportedCommand, VfioUserError
-from .protocol.messages import DmaLayout
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +106,9 @@ class _Waiter:
 
 
 class Session:
-    def __init__(self, device: DeviceModel, send: Sender | None = None,
-                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+    def __init__(self, device: DeviceModel, send: Sender | None = None) -> None:
         self.device = device
         self.send = send
-        self.dma_layout = dma_layout
         self.protocol_thread: int | None = None  # ident of the socket-reading thread
         self._peer_ids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
@@ -207,12 +204,12 @@ class Session:
     def dma_read_messages(self, address: int, length: int) -> bytes:
         parts = []
         for chunk_address, chunk_length in self._dma_chunks(address, length):
-            request = m.DmaAccess(chunk_address, chunk_length).pack(self.dma_layout)
+            request = m.DmaAccess(chunk_address, chunk_length).pack()
             reply = self.request_peer(Command.DMA_READ, request)
             if len(reply.payload) != 16 + chunk_length:
                 raise VfioUserError(errno.EIO, f"DMA_READ reply of {len(reply.payload)} bytes "
                                     f"for {chunk_length}")
-            parts.append(m.DmaAccess.unpack(reply.payload, layout=self.dma_layout).data)
+            parts.append(m.DmaAccess.unpack(reply.payload).data)
         return b"".join(parts)
 
     def dma_write_messages(self, address: int, data: bytes) -> None:
@@ -220,7 +217,7 @@ class Session:
         for chunk_address, chunk_length in self._dma_chunks(address, len(data)):
             chunk = data[offset : offset + chunk_length]
             offset += chunk_length
-            request = m.DmaAccess(chunk_address, chunk_length, chunk).pack(self.dma_layout)
+            request = m.DmaAccess(chunk_address, chunk_length, chunk).pack()
             self.request_peer(Command.DMA_WRITE, request)
 
     # ------------------------------------------------------------------ dispatch

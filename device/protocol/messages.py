@@ -8,7 +8,6 @@ strict: a payload of the wrong length, a wrong ``argsz`` or fds where none belon
 
 from __future__ import annotations
 
-import enum
 import json
 import struct
 from dataclasses import dataclass, field
@@ -486,44 +485,26 @@ def unpack_region_write_multi(
 _DMA_RW = struct.Struct("<QQ")
 
 
-class DmaLayout(enum.Enum):
-    """Where DMA_READ/DMA_WRITE data starts in the payload.
-
-    The spec lays the message out as ``{u64 address; u64 count; data[]}``.  QEMU's
-    client uses its C struct ``{u64 offset; u32 count; char data[]}``, whose data
-    starts at payload byte 12, and pads the message to the struct's size.  Both are
-    16 + count bytes long and identical up to byte 12, so a server has to know
-    which peer it talks to.
-    """
-
-    SPEC = 16
-    QEMU = 12
-
-
 @dataclass(frozen=True)
 class DmaAccess:
-    """DMA_READ/DMA_WRITE, sent by the server: address, count and (write) data."""
+    """DMA_READ/DMA_WRITE, sent by the server: ``{u64 address; u64 count; data[]}``.
+
+    QEMU 11.1.3 lays its replies out the same way (checked with real guests: data at
+    payload byte 16), although its C struct ``VFIOUserDMARW`` has a u32 count."""
 
     address: int
     count: int
     data: bytes = b""
 
-    def pack(self, layout: DmaLayout = DmaLayout.SPEC) -> bytes:
-        if layout is DmaLayout.SPEC or not self.data:
-            return _DMA_RW.pack(self.address, self.count) + self.data
-        return struct.pack("<QI", self.address, self.count) + self.data + bytes(4)
+    def pack(self) -> bytes:
+        return _DMA_RW.pack(self.address, self.count) + self.data
 
     @classmethod
-    def unpack(cls, payload: bytes | memoryview, fds: tuple[int, ...] = (),
-               layout: DmaLayout = DmaLayout.SPEC) -> Self:
+    def unpack(cls, payload: bytes | memoryview, fds: tuple[int, ...] = ()) -> Self:
         _no_fds(fds, "DMA access")
         _at_least(payload, _DMA_RW.size, "DMA access")
-        if layout is DmaLayout.SPEC:
-            address, count = _DMA_RW.unpack_from(payload)
-        else:
-            address, count = struct.unpack_from("<QI", payload)
-        data = bytes(payload[layout.value : layout.value + len(payload) - _DMA_RW.size])
-        return cls(address, count, data)
+        address, count = _DMA_RW.unpack_from(payload)
+        return cls(address, count, bytes(payload[_DMA_RW.size :]))
 
 
 # --------------------------------------------------------------------------- empty payloads

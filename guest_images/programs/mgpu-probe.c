@@ -62,10 +62,26 @@ struct bar {
     size_t size;
 };
 
+/* Like pci_enable_device(): firmware enables the devices present at boot, but nobody
+ * enables memory decoding of a hot-plugged one until a driver asks. */
+static void enable_device(const char *bdf)
+{
+    char path[256];
+    snprintf(path, sizeof(path), SYSFS "/%s/enable", bdf);
+    int fd = open(path, O_RDWR);
+    char state = '0';
+    if (fd < 0)
+        return;
+    if (pread(fd, &state, 1, 0) == 1 && state == '0' && pwrite(fd, "1", 1, 0) != 1)
+        fprintf(stderr, "mgpu-probe: cannot enable %s: %s\n", bdf, strerror(errno));
+    close(fd);
+}
+
 static struct bar map_bar(const char *bdf, int index)
 {
     char path[256];
     struct stat st;
+    enable_device(bdf);
     snprintf(path, sizeof(path), SYSFS "/%s/resource%d", bdf, index);
     int fd = open(path, O_RDWR | O_SYNC);
     if (fd < 0 || fstat(fd, &st) < 0)
@@ -245,12 +261,30 @@ static void *dma_page(uint64_t *physical)
     return page;
 }
 
+/* Like pci_set_master(): without bus mastering the device's DMA goes nowhere. */
+static void set_bus_master(const char *bdf)
+{
+    char path[256];
+    uint16_t command;
+    snprintf(path, sizeof(path), SYSFS "/%s/config", bdf);
+    int fd = open(path, O_RDWR);
+    if (fd < 0 || pread(fd, &command, 2, 4) != 2)
+        die("cannot read the command register of %s: %s", bdf, strerror(errno));
+    if (!(command & 0x4)) {
+        command |= 0x4;
+        if (pwrite(fd, &command, 2, 4) != 2)
+            die("cannot enable bus mastering on %s: %s", bdf, strerror(errno));
+    }
+    close(fd);
+}
+
 /* Bring-up DMA: copy a page between guest RAM and the aperture, checked both ways. */
 static int cmd_dma(const char *bdf, const char *direction, uint64_t aperture_offset,
                    uint64_t length, uint32_t seed)
 {
     struct bar regs = map_bar(bdf, 0), aperture = map_bar(bdf, 2);
     uint64_t physical;
+    set_bus_master(bdf);
     uint32_t *page = dma_page(&physical);
     int to_device = !strcmp(direction, "to-aperture");
     if (!to_device && strcmp(direction, "from-aperture"))

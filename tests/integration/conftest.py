@@ -7,14 +7,19 @@ outside the repo), so these tests never skip for a missing QEMU.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from device.gpu.instance import GpuInstance
-from device.server import Endpoint
+from device.gpu.physical import PhysicalGpu
+from device.manager import GpuServer
 from guest_images import Runtime, ensure_runtime
+
+FIGURES = Path(__file__).resolve().parents[2] / "bench" / "results" / "qemu_figures.json"
 
 
 @pytest.fixture(scope="session")
@@ -23,23 +28,25 @@ def runtime() -> Runtime:
 
 
 @pytest.fixture
-def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def short_tmp() -> Iterator[Path]:
     # unix socket paths are limited to 107 bytes; pytest's tmp paths can be longer.
-    import shutil
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="mgpu-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def gpu(short_tmp: Path) -> Iterator[tuple[GpuInstance, Endpoint]]:
-    device = GpuInstance("gpu0", aperture_size=64 * 1024 * 1024)
-    endpoint = Endpoint(short_tmp / "gpu0.sock", device, "gpu0")
-    endpoint.start()
-    try:
-        yield device, endpoint
-    finally:
-        endpoint.stop()
-        device.close()
+def gpu_server() -> Iterator[GpuServer]:
+    with GpuServer(PhysicalGpu(512 * 1024 * 1024)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def figures() -> Iterator[dict[str, float]]:
+    """Figures the QEMU tests measure, written to bench/results for the record."""
+    collected: dict[str, float] = {}
+    yield collected
+    if collected:
+        FIGURES.parent.mkdir(parents=True, exist_ok=True)
+        FIGURES.write_text(json.dumps(collected, indent=2, sort_keys=True) + "\n")
+        print("MGPU-FIGURES " + json.dumps(collected, sort_keys=True))

@@ -18,7 +18,6 @@ from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
 from device.protocol.constants import PciIrq, PciRegion
 from device.protocol.errors import VfioUserError
-from device.protocol.messages import DmaLayout
 from device.server import Endpoint
 
 GUEST_BASE = 0x10_0000
@@ -160,26 +159,6 @@ def test_disconnect_fails_waiting_dma_instead_of_hanging(
     assert not thread.is_alive()
     assert isinstance(outcome[0], VfioUserError)
     assert outcome[0].errno == errno.ENOTCONN
-
-
-@pytest.mark.parametrize("layout", list(DmaLayout))
-def test_both_dma_layouts_round_trip(layout: DmaLayout) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-dma-"))
-    device = GpuInstance("layout", aperture_size=1 << 20)
-    endpoint = Endpoint(workdir / "gpu.sock", device, "layout", dma_layout=layout)
-    endpoint.start()
-    memory = BytearrayMemory(GUEST_BASE, 1 << 20)
-    try:
-        with VfioUserClient.connect(endpoint.path, timeout=10) as client:
-            client.guest_memory, client.dma_layout = memory, layout
-            client.dma_map(GUEST_BASE, 1 << 20)
-            memory.write(GUEST_BASE, b"layout check")
-            assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 12) == 2
-            assert device.aperture[0:12] == b"layout check"
-    finally:
-        endpoint.stop()
-        device.close()
-        workdir.rmdir()
 
 
 def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers() -> None:
