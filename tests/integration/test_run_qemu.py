@@ -1,0 +1,63 @@
+"""The README's main command: ./run_qemu.sh boots a guest whose console shows the GPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from guest_images import Runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.qemu
+
+
+def read_until(proc: subprocess.Popen[bytes], pattern: str, seen: bytearray,
+               timeout: float = 120) -> re.Match[str]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        match = re.search(pattern, seen.decode(errors="replace"))
+        if match:
+            return match
+        left = deadline - time.monotonic()
+        exited = proc.poll() is not None
+        if select.select([proc.stdout], [], [], 0 if exited else min(left, 1))[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if chunk:
+                seen += chunk
+                continue
+        if left <= 0 or exited:
+            raise AssertionError(f"no {pattern!r} in run_qemu.sh output:\n{seen.decode()[-3000:]}")
+
+
+def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime) -> None:
+    assert runtime.kernel.exists()  # built once by the session fixture
+    proc = subprocess.Popen([str(ROOT / "run_qemu.sh"), "--instances", "2", "--memory", "512"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen = bytearray()
+    try:
+        workdir = Path(read_until(proc, r"server log (\S+)/server\.log", seen).group(1))
+        qmp = read_until(proc, r"QMP socket (\S+);", seen).group(1)
+        read_until(proc, r"mgpu guest ready", seen)
+        assert Path(qmp).exists()
+        assert proc.stdin is not None
+        proc.stdin.write(b"mgpu-probe find\n")
+        proc.stdin.flush()
+        read_until(proc, r"(MGPU-RESULT bdf=\S+\s+){2}", seen)
+        proc.stdin.write(b"exit\n")
+        proc.stdin.flush()
+        assert proc.wait(60) == 0
+        read_until(proc, r"QEMU exited with status 0", seen)
+        assert not workdir.exists(), "run_qemu.sh left its sockets and logs behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
