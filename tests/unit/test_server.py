@@ -349,7 +349,8 @@ def test_client_vanishing_mid_message_then_next_client_is_served(endpoint: Endpo
         assert client.read32(0, regs.BY_NAME["SCRATCH"].offset) == 0xABCD
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(min_size=1, max_size=300))
 def test_fuzz_never_crashes_leaks_or_blocks_the_other_device(endpoint: Endpoint,
                                                              data: bytes) -> None:
