@@ -9,8 +9,9 @@ serialised by a lock file (a second build waits, then finds the first one's work
    on the host through the root's own dynamic loader.  The mirror comes from the
    host's apt configuration.  Skipped for QEMU when the host's own QEMU is new enough.
 2. ``initramfs-<key>.cpio.gz``: busybox, ``/init`` (init.sh), our guest programs built
-   statically with the host's gcc, and the vfio modules (decompressed) with their
-   modules.dep, written as a newc cpio by Python.
+   statically with the host's gcc, our guest driver (driver/mgpu.c) built inside the
+   root against its kernel headers with its compiler, and the vfio modules
+   (decompressed), with a modules.dep, written as a newc cpio by Python.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "programs"
+DRIVER = HERE / "driver"
 INIT_SCRIPT = HERE / "init.sh"
 
 SUITE = "trixie"
-ROOT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static", "kmod")
+# linux-headers and make let us build the guest driver (driver/mgpu.c) inside the root
+# with the compiler the guest kernel was built with.
+ROOT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "linux-headers-amd64", "make",
+                 "binutils", "busybox-static", "kmod")
 ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
 INITRAMFS_RECIPE = "1"
 # vfio-pci in the guest (noiommu) gives guest programs MSI-X interrupts.
@@ -250,8 +255,8 @@ def _compile_programs(out_dir: Path, progress: Progress) -> list[Path]:
     binaries = []
     for source in sorted(PROGRAMS.glob("*.c")):
         binary = out_dir / source.stem
-        _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)],
-             f"compiling {source.name}", progress)
+        _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary),
+              str(source)], f"compiling {source.name}", progress)
         binaries.append(binary)
     return binaries
 
@@ -284,6 +289,27 @@ class _Cpio:
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0)
         return self.out.getvalue()
+
+
+def _build_driver(root: Path, kversion: str, progress: Progress) -> bytes:
+    """driver/mgpu.c built in the root (its kernel headers, its gcc); returns mgpu.ko."""
+    if os.geteuid() != 0:
+        raise BuildError("building the guest driver needs root (chroot into the runtime root)")
+    build = Path(tempfile.mkdtemp(prefix="mgpu-driver-", dir=root / "tmp"))
+    try:
+        for source in DRIVER.iterdir():
+            if source.suffix in (".c", ".h"):
+                shutil.copy(source, build / source.name)
+        (build / "Kbuild").write_text("obj-m := mgpu.o\n")
+        inside = f"/tmp/{build.name}"
+        # objtool reads /proc: mount one in a private mount namespace, gone on exit.
+        script = (f"mount -t proc proc {root}/proc && "
+                  f"chroot {root} make -s -C /usr/src/linux-headers-{kversion} M={inside} modules")
+        _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+             "building the guest driver mgpu.ko", progress)
+        return (build / "mgpu.ko").read_bytes()
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
@@ -321,7 +347,7 @@ def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
 def _initramfs_key(root_key: str) -> str:
     parts: list[bytes | str] = [INITRAMFS_RECIPE, root_key, INIT_SCRIPT.read_bytes(),
                                 *GUEST_MODULES]
-    for source in sorted([*PROGRAMS.glob("*.c"), *PROGRAMS.glob("*.h")]):
+    for source in sorted([*PROGRAMS.glob("*.[ch]"), *DRIVER.glob("*.[ch]")]):
         parts += [source.name, source.read_bytes()]
     return _digest(*parts)
 
@@ -332,7 +358,7 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
     if target.exists():
         return target
     started = time.monotonic()
-    progress("building the initramfs (busybox, /init, guest programs, vfio modules)")
+    progress("building the initramfs (busybox, /init, guest programs, guest driver, modules)")
     _, kversion = _kernel(root)
     archive = _Cpio()
     for directory in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "lib", "lib/modules",
@@ -352,7 +378,10 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
         for binary in _compile_programs(Path(out), progress):
             archive.file(f"bin/{binary.name}", binary.read_bytes())
     directories = {f"lib/modules/{kversion}"}
-    for path, data in _module_files(root, kversion).items():
+    modules = _module_files(root, kversion)
+    modules["extra/mgpu.ko"] = _build_driver(root, kversion, progress)
+    modules["modules.dep"] += b"extra/mgpu.ko:\n"
+    for path, data in modules.items():
         full = f"lib/modules/{kversion}/{path}"
         parent = full.rsplit("/", 1)[0]
         for i in range(len(parent.split("/"))):

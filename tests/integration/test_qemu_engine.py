@@ -1,0 +1,47 @@
+"""A guest program drives the GPU engine the way a driver does: resources, a command
+ring in guest memory, a copy and a SAXPY, and a fence whose interrupt it waits for
+(through the small guest driver, which owns the MSI-X or MSI vectors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device.gpu import registers as regs
+from device.manager import GpuServer
+from device.vm import GuestVM
+from guest_images import Runtime, parse_results
+
+pytestmark = pytest.mark.qemu
+
+
+def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
+    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path, figures: dict[str, float]
+) -> None:
+    msix = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
+    msi = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock",
+                                     interrupts="msi")
+    with GuestVM(runtime, short_tmp,
+                 vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]) as vm:
+        vm.start()
+        vm.check("modprobe mgpu")
+        assert sorted(vm.check("ls /dev | grep mgpu").split()) == ["mgpu0", "mgpu1"]
+        for index in (0, 1):
+            result = parse_results(vm.check(f"mgpu-ring {index}", timeout=120))
+            assert result["fence"] == "42" and result["fence_register"] == "42", result
+            assert result["copy_ok"] == "1" and result["saxpy_ok"] == "1", result
+            assert int(result["interrupts"]) >= 1
+            figures[f"ring_submit_to_fence_irq_us_{index}"] = float(
+                result["submit_to_interrupt_us"])
+        # The interrupts really went through the guest's MSI-X and MSI vectors.
+        interrupts = vm.check("grep mgpu /proc/interrupts")
+        assert "MSIX" in interrupts.upper() or "MSI-X" in interrupts.upper(), interrupts
+        for served in (msix, msi):
+            device = served.device
+            assert device.engine.commands_executed == 8
+            assert device.register_values[regs.BY_NAME["INT_STATUS"].offset] == 0
+            assert device.resources.resources, "the guest's resources live in device memory"
+        # Unloading the driver frees its vectors; the device stays usable.
+        vm.check("rmmod mgpu")
+        assert vm.quit() == 0
