@@ -5,10 +5,14 @@ Driven through QMP (qemu.qmp) and a command agent on the guest's second serial p
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp.util import get_or_create_event_loop
 
 from device.gpu import registers as regs
 from device.gpu.instance import DEVICE_ID, VENDOR_ID
@@ -139,4 +143,36 @@ def test_message_based_dma_with_guest_ram_that_is_not_fd_backed(
             vm.check(f"mgpu-probe dma {bdf} from-aperture 0x5000 4096 0x99"))
         assert from_aperture["mismatches"] == "0", from_aperture
         figures["message_dma_4k_from_device_us"] = int(from_aperture["dma_ns"]) / 1000
+        assert vm.quit() == 0
+
+
+def test_qemu_killed_with_sigkill_leaves_nothing_behind_in_the_server(
+    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path
+) -> None:
+    gpu = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
+    get_or_create_event_loop()  # qemu.qmp's per-thread loop (3 fds) is the harness's
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    with GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu.endpoint.path]) as vm:
+        vm.start()
+        session = gpu.endpoint.session
+        assert session is not None and len(session.dma) > 0
+        vm.check("mgpu-probe find")
+        assert vm.process is not None
+        os.kill(vm.process.pid, signal.SIGKILL)
+        vm.process.wait(30)
+        deadline = time.monotonic() + 10
+        while gpu.endpoint.session is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gpu.endpoint.session is None, "the server noticed QEMU is gone"
+    maps = Path("/proc/self/maps").read_text()
+    assert "memfd:memory-backend-memfd" not in maps, "guest RAM is no longer mapped"
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert threading.active_count() == threads_before
+    # The instance serves the next VM.
+    with GuestVM(runtime, short_tmp / "again", vfio_user_sockets=[gpu.endpoint.path]) as vm:
+        vm.start()
+        bdf = find_gpus(vm)[0]
+        ident = parse_results(vm.check(f"mgpu-probe read {bdf} 0 0x0"))
+        assert int(ident["value"], 0) == regs.ID_VALUE
         assert vm.quit() == 0

@@ -22,7 +22,7 @@ from device.client import VfioUserClient
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
 from device.protocol import messages as m
-from device.protocol.constants import Command, PciIrq, PciRegion
+from device.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
 from device.protocol.errors import VfioUserError
 from device.server import Endpoint
 
@@ -399,3 +399,61 @@ def test_connection_refused_after_stop_and_socket_removed() -> None:
         sock.connect(str(workdir / "gpu.sock"))
     sock.close()
     workdir.rmdir()
+
+
+def test_mask_unmask_keeps_an_interrupt_pending_and_err_req_take_eventfds(
+    endpoint: Endpoint
+) -> None:
+    device = device_of(endpoint)
+    with VfioUserClient.connect(endpoint.path) as client:
+        vector = os.eventfd(0, os.EFD_NONBLOCK)
+        client.set_irq_eventfds(PciIrq.MSIX, (vector,))
+        client.set_irqs(PciIrq.MSIX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_MASK, 0, 1)
+        assert device.irqs is not None
+        assert not device.irqs.raise_irq(PciIrq.MSIX, 0)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(vector)
+        client.set_irqs(PciIrq.MSIX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_UNMASK, 0, 1)
+        assert os.eventfd_read(vector) == 1, "the pending interrupt fires on unmask"
+        err, req = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        client.set_irq_eventfds(PciIrq.ERR, (err,))
+        client.set_irq_eventfds(PciIrq.REQ, (req,))
+        assert device.irqs.raise_irq(PciIrq.ERR) and os.eventfd_read(err) == 1
+        with pytest.raises(VfioUserError):
+            client.set_irq_eventfds(PciIrq.INTX, (os.eventfd(0),))  # no INTx line
+        for fd in (vector, err, req):
+            os.close(fd)
+
+
+def test_region_write_multi_is_applied_in_order(endpoint: Endpoint) -> None:
+    scratch = regs.BY_NAME["SCRATCH"].offset
+    entries = [(scratch, 0, 4, b"\x01\x02\x03\x04"), (scratch + 3, 0, 1, b"\xff")]
+    payload = struct.pack("<Q", len(entries)) + b"".join(
+        struct.pack("<QII8s", *entry) for entry in entries)
+    with VfioUserClient.connect(endpoint.path) as client:
+        # QEMU sends these with No_reply, like posted writes.
+        raw_exchange(client, m.encode_message(50, Command.REGION_WRITE_MULTI, payload,
+                                              reply=False, no_reply=True), expect_reply=False)
+        assert client.read32(0, scratch) == 0xFF030201
+
+
+def test_message_dma_honours_the_clients_max_data_xfer_size(endpoint: Endpoint) -> None:
+    from device.client import BytearrayMemory
+
+    memory = BytearrayMemory(0x100000, 1 << 20)
+    memory.write(0x100000, bytes(range(256)) * 40)
+    with VfioUserClient.connect(endpoint.path, negotiate=False) as client:
+        client.version({"max_msg_fds": 8, "max_data_xfer_size": 4096})
+        client.guest_memory = memory
+        client.dma_map(0x100000, 1 << 20)
+        reg = {name: regs.BY_NAME[name].offset for name in
+               ("DMA_GUEST_ADDR_LO", "DMA_LENGTH", "DMA_CONTROL", "DMA_STATUS")}
+        client.write32(0, reg["DMA_GUEST_ADDR_LO"], 0x100000)
+        client.write32(0, reg["DMA_LENGTH"], 10240)
+        client.write32(0, reg["DMA_CONTROL"], regs.DmaCommand.TO_APERTURE)
+        while client.read32(0, reg["DMA_STATUS"]) == regs.DmaStatus.BUSY:
+            pass
+        assert client.server_requests_served == 3, "10 KiB in 4 KiB DMA_READs"
+        assert bytes(device_of(endpoint).aperture[:10240]) == bytes(range(256)) * 40
+        with pytest.raises(VfioUserError):
+            client.region_read(2, 0, 8192)  # more than the negotiated 4096
