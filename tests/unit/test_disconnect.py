@@ -7,10 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,8 @@ from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
 from device.protocol.constants import PciRegion
 from device.server import Endpoint
+
+from .conftest import ServeInstance
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,17 +48,8 @@ def mapped(name: str) -> bool:
 
 
 @pytest.fixture
-def endpoint() -> Iterator[Endpoint]:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-kill-"))
-    device = GpuInstance("kill", aperture_size=1 << 20)
-    server = Endpoint(workdir / "gpu.sock", device, "kill")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        device.close()
-        workdir.rmdir()
+def endpoint(serve_instance: ServeInstance) -> Endpoint:
+    return serve_instance(name="kill")
 
 
 def test_sigkilled_client_leaks_nothing_and_device_state_survives(endpoint: Endpoint) -> None:

@@ -11,7 +11,6 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,8 @@ from device.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
 from device.protocol.errors import VfioUserError
 from device.server import Endpoint
 
+from .conftest import ServeInstance
+
 APERTURE = 256 << 20
 
 
@@ -34,17 +35,8 @@ def open_fds() -> int:
 
 
 @pytest.fixture
-def endpoint() -> Iterator[Endpoint]:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-srv-"))
-    device = GpuInstance("srv", aperture_size=APERTURE)
-    server = Endpoint(workdir / "gpu.sock", device, "srv")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        device.close()
-        workdir.rmdir()
+def endpoint(serve_instance: ServeInstance) -> Endpoint:
+    return serve_instance(aperture_size=APERTURE, name="srv")
 
 
 def device_of(endpoint: Endpoint) -> GpuInstance:
