@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .fuse.server import FuseUnavailable
+from .gpu.aperture import DeniedPolicy, MappingMode
 from .gpu.instance import INTERRUPT_MODES
 from .gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, CapacityError, PhysicalGpu
 from .gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
@@ -60,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="msix (default, 8 vectors) or msi (4 vectors). QEMU 11.1.3 aborts "
                        "when it hot-unplugs a vfio-user device with MSI-X: use msi for "
                        "instances you will device_del")
+    serve.add_argument("--mapping", choices=[m.value for m in MappingMode], default="static",
+                       help="how the guest reaches the BAR2 aperture: static (mapped whole at "
+                       "realize; default), fault (each page on first touch, checked against "
+                       "the placed resources; needs root for the FUSE mount) or trap (every "
+                       "access is a message)")
+    serve.add_argument("--denied", choices=[p.value for p in DeniedPolicy], default="sigbus",
+                       help="what a touch of an aperture page without a placed resource gets "
+                       "(fault and trap modes): sigbus (the VM dies, as on hardware; default), "
+                       "dummy (a zero page) or report (all ones, and the FAULT interrupt)")
     serve.add_argument("--name", default=None,
                        help="instance name used in logs (default: gpu0, gpu1, ...)")
     serve.add_argument("--log-level", default="info",
@@ -102,8 +113,9 @@ def serve(args: argparse.Namespace) -> int:
     server = GpuServer(physical)
     for name, path in zip(names, sockets, strict=True):
         try:
-            server.create_instance(name, type_name, path, args.interrupts)
-        except CapacityError as exc:
+            server.create_instance(name, type_name, path, args.interrupts, args.mapping,
+                                   args.denied)
+        except (CapacityError, FuseUnavailable) as exc:
             log.error("cannot create %s: %s", name, exc)
             server.close()
             return 2

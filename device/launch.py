@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interrupts", default="msix", choices=INTERRUPT_MODES,
                         help="msix (default) or msi; use msi for instances you will "
                         "hot-unplug (QEMU 11.1.3 aborts unplugging MSI-X vfio-user devices)")
+    parser.add_argument("--mapping", default="static", choices=["static", "fault", "trap"],
+                        help="aperture mapping mode (see 'python -m device serve --help')")
+    parser.add_argument("--denied", default="sigbus", choices=["sigbus", "dummy", "report"],
+                        help="denied-access policy for the fault and trap modes")
     parser.add_argument("--memory", type=int, default=1024, metavar="MB",
                         help="guest RAM in MiB (default: 1024)")
     parser.add_argument("--kvm", action="store_true",
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     server_log = workdir / "server.log"
     qmp_path = args.qmp or workdir / "qmp.sock"
     serve = [sys.executable, "-m", "device", "serve", "--type", args.type,
-             "--interrupts", args.interrupts]
+             "--interrupts", args.interrupts, "--mapping", args.mapping, "--denied", args.denied]
     for path in sockets:
         serve += ["--socket", str(path)]
     server: subprocess.Popen[str] | None = None

@@ -33,12 +33,13 @@ class GpuServer:
         self._lock = threading.Lock()
 
     def create_instance(self, name: str, type_name: str, socket_path: Path,
-                        interrupts: str = "msix") -> ServedInstance:
+                        interrupts: str = "msix", mapping: str = "static",
+                        denied: str = "sigbus") -> ServedInstance:
         with self._lock:
             if name in self.instances:
                 raise CapacityError(f"instance {name!r} already exists")
             device = GpuInstance(name, physical=self.physical, instance_type=type_name,
-                                 interrupts=interrupts)
+                                 interrupts=interrupts, mapping=mapping, denied=denied)
             try:
                 endpoint = Endpoint(socket_path, device, name)
             except BaseException:

@@ -42,6 +42,7 @@ class EngineHost(Protocol):
     def command_failed(self, context: int, generation: int, code: ErrorCode) -> None: ...
     def fence(self, context: int, generation: int, value: int) -> None: ...
     def resource_range(self, handle: int, offset: int, length: int) -> tuple[int, int]: ...
+    def sync_device_memory(self, start: int, end: int) -> None: ...
     def guest_memory(self) -> DmaTable: ...
 
 
@@ -51,6 +52,7 @@ class Engine:
         self.contexts = contexts
         self.name = name
         self.commands_executed = 0
+        self._touched: list[tuple[int, int]] = []  # device memory the current command used
         self._kick = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
@@ -83,10 +85,13 @@ class Engine:
                     self._execute_one(context, *job)
 
     def _execute_one(self, context: int, generation: int, address: int, ring_offset: int) -> None:
+        self._touched = []
         try:
             raw = self._read_guest(address, COMMAND_SIZE)
             command = Command.decode(raw)
             fence = self._execute(command)
+            for start, end in self._touched:  # let the guest see what the command wrote
+                self.host.sync_device_memory(start, end)
             if fence is not None:
                 self.host.fence(context, generation, fence)
             self.commands_executed += 1
@@ -110,6 +115,8 @@ class Engine:
 
     def _resource(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
         start, end = self.host.resource_range(handle, offset, length)
+        self.host.sync_device_memory(start, end)  # the guest's writes first
+        self._touched.append((start, end))
         return self.host.memory[start:end]
 
     @staticmethod

@@ -4,9 +4,10 @@ resources and command rings a driver programs through them.
 Region layout (vfio PCI region indexes):
   BAR0  64 KiB, 32-bit MMIO, trapped: every access is a REGION message answered by the
         register file (registers.py).
-  BAR2  the aperture, 64-bit prefetchable: the instance's partition of device memory,
-        one sparse-mmap area of the physical GPU's memfd that QEMU maps once at realize,
-        so guest accesses never reach this process.
+  BAR2  the aperture, 64-bit prefetchable: the instance's partition of device memory.
+        How the guest reaches it is the instance's mapping mode (aperture.py): static
+        (QEMU maps the partition of the physical GPU's memfd), fault (QEMU maps a FUSE
+        file and each first touch asks us) or trap (every access is a message).
   BAR4  16 KiB, 32-bit MMIO: the MSI-X table (QEMU emulates it) and PBA; only with
         MSI-X interrupts.
   CONFIG 4 KiB PCI Express config space.
@@ -28,6 +29,7 @@ import logging
 import queue
 import struct
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +48,7 @@ from ..protocol.constants import (
 from ..protocol.errors import VfioUserError
 from ..protocol.messages import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 from . import registers as regs
+from .aperture import Aperture, DeniedPolicy, MappingMode
 from .commands import COMMAND_SIZE
 from .engine import Engine
 from .physical import PhysicalGpu
@@ -95,7 +98,8 @@ class GpuInstance:
 
     def __init__(self, name: str = "gpu0", aperture_size: int = DEFAULT_APERTURE_SIZE, *,
                  physical: PhysicalGpu | None = None,
-                 instance_type: str | None = None, interrupts: str = "msix") -> None:
+                 instance_type: str | None = None, interrupts: str = "msix",
+                 mapping: str = "static", denied: str = "sigbus") -> None:
         if interrupts not in INTERRUPT_MODES:
             raise ValueError(f"interrupts must be one of {INTERRUPT_MODES}, not {interrupts!r}")
         self.name = name
@@ -117,6 +121,16 @@ class GpuInstance:
         self.aperture = physical.view(self.partition.offset, self.partition.size)
         self.memory: npt.NDArray[np.uint8] = physical.memory
         self.resources = ResourceTable(self.partition)
+        self._after_unlock: list[Callable[[], None]] = []
+        try:
+            self.window = Aperture(name, physical, self.partition, self.aperture_size,
+                                   MappingMode(mapping), DeniedPolicy(denied), self._report_fault)
+        except BaseException:
+            self.aperture.release()
+            physical.release(name)
+            if self._owns_physical:
+                physical.close()
+            raise
         self._lock = threading.Lock()
         self._command_lock = threading.Lock()  # held by the engine while a command runs
         self._generations = [0] * regs.MAX_CONTEXTS
@@ -213,9 +227,15 @@ class GpuInstance:
         if index == PciRegion.BAR0:
             return RegionInfo(index, rw, regs.BAR0_SIZE), None
         if index == PciRegion.BAR2:
-            # QEMU mmaps the physical GPU's memfd at this partition's offset.
+            mode = self.window.mode
+            if mode is MappingMode.TRAP:
+                return RegionInfo(index, rw, self.aperture_size), None
             flags = rw | RegionFlags.MMAP | RegionFlags.CAPS
             area = SparseArea(0, self.partition.size)
+            if mode is MappingMode.FAULT:  # QEMU maps our FUSE file: faults come to us
+                return (RegionInfo(index, flags, self.aperture_size, 0, (area,)),
+                        self.window.file_fd)
+            # static: QEMU maps the physical GPU's memfd at this partition's offset.
             info = RegionInfo(index, flags, self.aperture_size, self.partition.offset, (area,))
             return info, self.physical.memory_fd
         if index == PciRegion.BAR4 and self.interrupts == "msix":
@@ -251,7 +271,7 @@ class GpuInstance:
         if index == PciRegion.BAR0:
             return self._read_registers(offset, count)
         if index == PciRegion.BAR2:
-            return bytes(self.aperture[offset : offset + count])
+            return self.window.read(offset, count)
         if index == PciRegion.BAR4:
             return bytes(count)  # PBA: nothing pending; the table never reaches us
         with self._lock:
@@ -262,7 +282,7 @@ class GpuInstance:
         if index == PciRegion.BAR0:
             self._write_registers(offset, data)
         elif index == PciRegion.BAR2:
-            self.aperture[offset : offset + len(data)] = data
+            self.window.write(offset, data)
         elif index == PciRegion.CONFIG:
             with self._lock:
                 self.config.write(offset, data)
@@ -277,6 +297,7 @@ class GpuInstance:
         # DMA reply the client sends only after it has our answer to this reset.
         got_engine = self._command_lock.acquire(timeout=RESET_WAIT_SECONDS)
         try:
+            self.window.deny_all()  # the guest's next touch of any page faults
             with self._lock:
                 gone = self.resources.clear()
                 self._reset_registers()
@@ -295,6 +316,7 @@ class GpuInstance:
         self.engine.stop()
         self._jobs.put(None)
         self._worker.join(5)
+        self.window.close()
         self.resources.clear()
         self.aperture.release()
         del self.memory
@@ -344,6 +366,10 @@ class GpuInstance:
             for register, value in actions:
                 if register.name != "DEVICE_RESET":
                     self._command(register, value)
+            after, self._after_unlock = self._after_unlock, []
+        # Revocations wait for writebacks that FUSE threads serve: never under the lock.
+        for action in after:
+            action()
         for register, value in actions:
             if register.name == "DEVICE_RESET" and value & 1:
                 self.reset()
@@ -411,15 +437,26 @@ class GpuInstance:
                 self._set("RES_HANDLE", resource.handle)
             elif command == regs.ResourceCommand.DESTROY:
                 resource = self.resources.destroy(self._get("RES_HANDLE"))
-                self.physical.scrub(resource.extent.offset, resource.extent.size)
+                offset, size = self.resources.aperture_offset(resource), resource.extent.size
+
+                def destroyed() -> None:  # write back, unmap, then zero for the next user
+                    self.window.deny(offset, size)
+                    self.physical.scrub(resource.extent.offset, resource.extent.size)
+
+                self._after_unlock.append(destroyed)
             elif command == regs.ResourceCommand.PLACE:
                 resource = self.resources.get(self._get("RES_HANDLE"))
                 resource.placed = True
                 offset = self.resources.aperture_offset(resource)
                 self._set("RES_OFFSET_LO", offset)
                 self._set("RES_OFFSET_HI", offset >> 32)
+                size = resource.extent.size
+                self._after_unlock.append(lambda: self.window.allow(offset, size))
             elif command == regs.ResourceCommand.REMOVE:
-                self.resources.get(self._get("RES_HANDLE")).placed = False
+                resource = self.resources.get(self._get("RES_HANDLE"))
+                resource.placed = False
+                offset, size = self.resources.aperture_offset(resource), resource.extent.size
+                self._after_unlock.append(lambda: self.window.deny(offset, size))
             else:
                 raise DeviceError(ErrorCode.INVALID_COMMAND, f"no resource command {command}")
         except DeviceError as exc:
@@ -511,6 +548,19 @@ class GpuInstance:
             start = resource.extent.offset + offset
             return start, start + length
 
+    def sync_device_memory(self, start: int, end: int) -> None:
+        """Before and after the engine touches device memory [start, end)."""
+        self.window.sync(start - self.partition.offset, end - start)
+
+    def _report_fault(self, offset: int, write: bool) -> None:
+        """A denied aperture access under the report policy: latch it, interrupt."""
+        with self._lock:
+            self._set("FAULT_OFFSET_LO", offset)
+            self._set("FAULT_OFFSET_HI", offset >> 32)
+            self._set("FAULT_COUNT", self._get("FAULT_COUNT") + 1)
+            self._set("FAULT_FLAGS", 1 if write else 0)
+            self._raise(IntBit.FAULT)
+
     def guest_memory(self) -> DmaTable:
         dma = self.dma
         if dma is None:
@@ -542,8 +592,10 @@ class GpuInstance:
                 if dma is None:
                     raise VfioUserError(errno.EFAULT, "no client: guest memory is not mapped")
                 window = self.aperture[aperture_offset : aperture_offset + length]
+                self.window.sync(aperture_offset, length)
                 if command == regs.DmaCommand.TO_APERTURE:
                     window[:] = dma.read(guest, length)
+                    self.window.sync(aperture_offset, length)
                 else:
                     dma.write(guest, window)
             except VfioUserError as exc:

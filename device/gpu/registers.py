@@ -56,9 +56,10 @@ class IntBit(enum.IntFlag):
     FENCE = 1 << 0  # MSI-X vector 0
     ERROR = 1 << 1  # MSI-X vector 1
     DMA = 1 << 2  # MSI-X vector 2
+    FAULT = 1 << 3  # MSI-X vector 3: a denied aperture access (report policy)
 
 
-INT_VECTORS = {IntBit.FENCE: 0, IntBit.ERROR: 1, IntBit.DMA: 2}
+INT_VECTORS = {IntBit.FENCE: 0, IntBit.ERROR: 1, IntBit.DMA: 2, IntBit.FAULT: 3}
 
 
 class ResourceCommand(enum.IntEnum):
@@ -149,8 +150,8 @@ REGISTERS: tuple[Register, ...] = (
              "Number of live resources."),
     Register("INT_STATUS", 0x040, Access.RO, 0,
              "Pending interrupt causes: bit 0 FENCE, bit 1 ERROR, bit 2 DMA (bring-up DMA "
-             "done). A cause that becomes pending raises its MSI-X vector (0, 1, 2) unless "
-             "masked."),
+             "done), bit 3 FAULT (denied aperture access). A cause that becomes pending "
+             "raises its vector (0, 1, 2, 3) unless masked."),
     Register("INT_MASK", 0x044, Access.RW, 0,
              "Interrupt mask: a set bit stops that cause from raising its vector (it still "
              "becomes pending in INT_STATUS)."),
@@ -164,6 +165,15 @@ REGISTERS: tuple[Register, ...] = (
              "Ring offset of the failed command."),
     Register("ERROR_COUNT", 0x08C, Access.RO, 0,
              "Errors since the last reset."),
+    Register("FAULT_OFFSET_LO", 0x0A0, Access.RO, 0,
+             "Aperture offset of the last denied access (report policy), bits 31:0."),
+    Register("FAULT_OFFSET_HI", 0x0A4, Access.RO, 0,
+             "Aperture offset of the last denied access, bits 63:32."),
+    Register("FAULT_COUNT", 0x0A8, Access.RO, 0,
+             "Denied aperture accesses reported since the last reset."),
+    Register("FAULT_FLAGS", 0x0AC, Access.RO, 0,
+             "Bit 0: the last reported access was a write (trap mode; a first touch in "
+             "fault mode is reported as a read)."),
     Register("DEVICE_RESET", 0x0F0, Access.WO, 0,
              "Write 1 to reset the instance: stops every ring, destroys every resource (its "
              "memory is zeroed), restores all registers."),

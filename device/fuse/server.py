@@ -1,0 +1,229 @@
+"""Serve one aperture file on a private FUSE mount, so first touches become callbacks.
+
+Theory of operation.  ``FuseAperture.start`` opens /dev/fuse, mounts a filesystem on a
+temporary directory, starts the serving threads, opens the one file it holds (the
+aperture) and detaches the mount at once: the open file keeps the filesystem alive,
+nothing is left in the mount table, and when this process dies the kernel tears it all
+down.  The open fd is what the vfio-user server hands QEMU for BAR2.
+
+The kernel then sends READ for every page the first time anything maps it: that is the
+fault callback, answered with the page's data or an error (SIGBUS for the toucher).
+Dirty pages come back as WRITE (writeback).  ``invalidate`` revokes: it writes back
+dirty pages, drops them and unmaps them from every process, so the next touch faults
+again.  It must never run on a serving thread, which has to be free to take the
+WRITEs that the revocation itself causes; several threads serve so that a slow fault
+never holds up the others.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from typing import Protocol
+
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+FILE_INODE = 2
+FILE_NAME = b"aperture"
+MAX_WRITE = 1024 * 1024
+BUFFER_SIZE = MAX_WRITE + 64 * 1024
+MS_NOSUID, MS_NODEV = 2, 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class FuseUnavailable(Exception):
+    """A FUSE mount cannot be made here; the message says why and what to do."""
+
+
+class ApertureBackend(Protocol):
+    """The owner of the file: decides what a fault gets, and takes written-back data."""
+
+    def fault(self, offset: int, length: int) -> bytes | int:
+        """Data for [offset, offset+length), or a positive errno to refuse."""
+
+    def writeback(self, offset: int, data: bytes) -> None: ...
+
+
+class FuseAperture:
+    def __init__(self, name: str, size: int, backend: ApertureBackend, threads: int = 3) -> None:
+        self.name = name
+        self.size = size
+        self.backend = backend
+        self.thread_count = threads
+        self.fuse_fd = -1
+        self.file_fd = -1
+        self.requests = 0
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> int:
+        """Mount, serve, open the aperture file, detach; returns the file's fd."""
+        if os.geteuid() != 0:
+            raise FuseUnavailable(
+                "fault mode mounts a FUSE filesystem, which needs root here; run the "
+                "server as root or choose the trap or static mapping mode")
+        try:
+            self.fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FuseUnavailable(f"cannot open /dev/fuse: {exc.strerror}") from None
+        mountpoint = tempfile.mkdtemp(prefix=f"mgpu-{self.name}-")
+        try:
+            options = (f"fd={self.fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
+                       f"max_read={MAX_WRITE}").encode()
+            if _libc.mount(b"mgpu", mountpoint.encode(), b"fuse.mgpu", MS_NOSUID | MS_NODEV,
+                           options) != 0:
+                error = ctypes.get_errno()
+                raise FuseUnavailable(f"mount of the FUSE aperture failed: {os.strerror(error)}")
+            for n in range(self.thread_count):
+                thread = threading.Thread(target=self._serve, name=f"{self.name}-fuse{n}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            self.file_fd = os.open(os.path.join(mountpoint, FILE_NAME.decode()),
+                                   os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            _libc.umount2(mountpoint.encode(), MNT_DETACH)
+            shutil.rmtree(mountpoint, ignore_errors=True)
+        return self.file_fd
+
+    @property
+    def connection(self) -> int | None:
+        """The kernel's id for this FUSE connection (/sys/fs/fuse/connections/N)."""
+        if self.file_fd < 0:
+            return None
+        return os.minor(os.fstat(self.file_fd).st_dev)
+
+    def abort(self) -> None:
+        """Abort the connection: every waiter on it (a stuck QEMU too) gets an error
+        instead of hanging in D state.  Needs fusectl, which this mounts if missing."""
+        connection = self.connection
+        if connection is None:
+            return
+        control = "/sys/fs/fuse/connections"
+        if not os.path.exists(f"{control}/{connection}"):
+            _libc.mount(b"fusectl", control.encode(), b"fusectl", 0, None)
+        try:
+            with open(f"{control}/{connection}/abort", "w") as handle:
+                handle.write("1")
+        except OSError as exc:
+            log.warning("%s: cannot abort FUSE connection %s: %s", self.name, connection, exc)
+
+    def close(self) -> None:
+        """Close the file and the connection; the kernel aborts what is left."""
+        self._stopping = True
+        if self.file_fd >= 0:
+            os.close(self.file_fd)
+            self.file_fd = -1
+        if self.fuse_fd >= 0:
+            fd, self.fuse_fd = self.fuse_fd, -1
+            os.close(fd)  # serving threads get ENODEV/EBADF and stop
+        for thread in self._threads:
+            thread.join(5)
+        self._threads.clear()
+
+    # ------------------------------------------------------------------ revocation
+
+    def invalidate(self, offset: int, length: int) -> None:
+        """Write back, drop and unmap [offset, offset+length) in every process."""
+        if self.fuse_fd < 0 or length <= 0:
+            return
+        if threading.current_thread() in self._threads:
+            raise RuntimeError("invalidate from a FUSE serving thread would deadlock")
+        try:
+            os.write(self.fuse_fd, p.inval_inode(FILE_INODE, offset, length))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                raise
+
+    # ------------------------------------------------------------------ serving
+
+    def _serve(self) -> None:
+        buffer = bytearray(BUFFER_SIZE)
+        view = memoryview(buffer)
+        while not self._stopping:
+            fd = self.fuse_fd
+            if fd < 0:
+                return
+            try:
+                size = os.readv(fd, [buffer])
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue  # interrupted request: nothing to answer
+                return  # ENODEV (unmounted, aborted) or EBADF (closed)
+            if size < p.IN_HEADER.size:
+                continue
+            self.requests += 1
+            answer = self._handle(view[:size])
+            if answer is not None:
+                try:
+                    os.write(fd, answer)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                        log.warning("%s: FUSE reply failed: %s", self.name, exc)
+
+    def _handle(self, request: memoryview) -> bytes | None:
+        _len, opcode, unique, nodeid, *_ = p.IN_HEADER.unpack_from(request)
+        body = request[p.IN_HEADER.size :]
+        if opcode in p.NO_REPLY:
+            return None
+        try:
+            return self._dispatch(opcode, unique, nodeid, body)
+        except Exception:
+            log.exception("%s: FUSE request %d failed", self.name, opcode)
+            return p.reply(unique, error=errno.EIO)
+
+    def _dispatch(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> bytes:
+        if opcode == p.Opcode.READ:
+            _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+            size = max(0, min(size, self.size - offset))
+            data = self.backend.fault(offset, size) if size else b""
+            if isinstance(data, int):
+                return p.reply(unique, error=data)
+            return p.reply(unique, data)
+        if opcode == p.Opcode.WRITE:
+            _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
+            data = bytes(body[p.WRITE_IN.size : p.WRITE_IN.size + size])
+            if offset + size > self.size:
+                return p.reply(unique, error=errno.EFBIG)
+            self.backend.writeback(offset, data)
+            return p.reply(unique, p.WRITE_OUT.pack(size, 0))
+        if opcode == p.Opcode.INIT:
+            major, _minor, _readahead, _flags = p.INIT_IN.unpack_from(body)
+            if major != p.KERNEL_MAJOR:
+                return p.reply(unique, error=errno.EPROTO)
+            return p.reply(unique, p.init_out(MAX_WRITE, MAX_WRITE // 4096))
+        if opcode == p.Opcode.LOOKUP:
+            name = bytes(body).split(b"\0", 1)[0]
+            if nodeid == p.ROOT_INODE and name == FILE_NAME:
+                return p.reply(unique, p.entry_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
+            return p.reply(unique, error=errno.ENOENT)
+        if opcode == p.Opcode.GETATTR:
+            if nodeid == p.ROOT_INODE:
+                return p.reply(unique, p.attr_out(p.ROOT_INODE, 0, p.S_IFDIR | 0o700))
+            return p.reply(unique, p.attr_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
+        if opcode in (p.Opcode.OPEN, p.Opcode.OPENDIR):
+            # KEEP_CACHE: an open must not drop pages other processes have mapped.
+            return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0))
+        if opcode in (p.Opcode.RELEASE, p.Opcode.RELEASEDIR, p.Opcode.FLUSH, p.Opcode.FSYNC,
+                      p.Opcode.DESTROY, p.Opcode.READDIR):
+            return p.reply(unique)
+        if opcode == p.Opcode.STATFS:
+            return p.reply(unique, p.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0))
+        if opcode == p.Opcode.SETATTR:
+            return p.reply(unique, error=errno.EPERM)
+        return p.reply(unique, error=errno.ENOSYS)

@@ -1,0 +1,224 @@
+"""The BAR2 aperture of one instance: which pages the guest may touch now, and how.
+
+Theory of operation.  The aperture is the instance's partition of device memory, one
+file offset per byte of the partition.  A page may be touched only while a resource
+covering it is *placed*; ``allow``/``deny`` keep that page map current (resources call
+them on PLACE, REMOVE, DESTROY and reset).  How a touch reaches us depends on the
+mapping mode:
+
+- ``static``: QEMU maps the whole partition of the physical GPU's memfd at realize; no
+  touch is ever seen or checked (the fast baseline).
+- ``fault``: QEMU maps a file on our own FUSE filesystem.  A first touch is a READ,
+  answered by ``fault``: served from device memory if every page in it is allowed,
+  refused with EIO if it spans several pages of which some are not (the kernel then
+  asks for the touched page alone), and for a single denied page the denied-access
+  policy decides.  Dirty pages come back through ``writeback``.  ``revoke`` writes
+  back, drops and unmaps pages in every process, so changed permissions take effect
+  at the next touch.
+- ``trap``: no mapping; every access is a REGION message checked page by page.
+
+Denied-access policies: ``sigbus`` refuses (in fault mode QEMU gets SIGBUS and the VM
+dies, as on real hardware; in trap mode the access fails and QEMU reads all ones),
+``dummy`` gives a zero page (dropped again when real memory arrives) and drops
+writes, ``report`` gives all ones, drops writes, and reports the fault to the driver
+through the fault registers and interrupt.
+
+The device (engine, bring-up DMA) works on device memory directly, so in fault mode
+it calls ``sync`` before and after touching placed memory: the guest's dirty pages
+are written back first, and the guest refetches what the device wrote.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ..fuse.server import FuseAperture
+from ..protocol.errors import VfioUserError
+from .allocator import PAGE_SIZE, Extent
+from .physical import PhysicalGpu
+
+
+class MappingMode(enum.Enum):
+    STATIC = "static"
+    FAULT = "fault"
+    TRAP = "trap"
+
+
+class DeniedPolicy(enum.Enum):
+    SIGBUS = "sigbus"
+    DUMMY = "dummy"
+    REPORT = "report"
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    time: float  # time.monotonic()
+    kind: str  # served, denied, dummy, reported, revoked, written_back, write_dropped
+    offset: int  # aperture offset
+    length: int
+
+
+@dataclass
+class FaultLog:
+    """Per-instance fault counters and the most recent records, for tests and tools."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    records: deque[FaultRecord] = field(default_factory=lambda: deque(maxlen=4096))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, kind: str, offset: int, length: int) -> None:
+        with self.lock:
+            self.counters[kind] = self.counters.get(kind, 0) + 1
+            self.records.append(FaultRecord(time.monotonic(), kind, offset, length))
+
+    def count(self, kind: str) -> int:
+        return self.counters.get(kind, 0)
+
+    def of(self, kind: str) -> list[FaultRecord]:
+        with self.lock:
+            return [r for r in self.records if r.kind == kind]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.counters.clear()
+            self.records.clear()
+
+
+ONES_PAGE = b"\xff" * PAGE_SIZE
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class Aperture:
+    def __init__(self, name: str, physical: PhysicalGpu, partition: Extent, size: int,
+                 mode: MappingMode, policy: DeniedPolicy,
+                 report: Callable[[int, bool], None]) -> None:
+        self.name = name
+        self.physical = physical
+        self.partition = partition
+        self.size = size
+        self.mode = mode
+        self.policy = policy
+        self.report = report  # (aperture offset, is_write) -> latch registers, raise irq
+        self.log = FaultLog()
+        # One flag per page; readers (fault threads) look without a lock: a flag flip
+        # is always followed by a revoke, which settles any race.
+        self.allowed: npt.NDArray[np.bool_] = np.zeros(size // PAGE_SIZE, dtype=np.bool_)
+        self.fuse: FuseAperture | None = None
+        self.file_fd = -1
+        if mode is MappingMode.FAULT:
+            self.fuse = FuseAperture(name, size, self)
+            self.file_fd = self.fuse.start()
+
+    # ------------------------------------------------------------------ permissions
+
+    def _pages(self, offset: int, length: int) -> slice:
+        return slice(offset // PAGE_SIZE, (offset + length + PAGE_SIZE - 1) // PAGE_SIZE)
+
+    def allow(self, offset: int, length: int) -> None:
+        """Make pages touchable (a resource was placed there)."""
+        self.allowed[self._pages(offset, length)] = True
+        self.revoke(offset, length)  # drop dummy pages cached in their place
+
+    def deny(self, offset: int, length: int) -> None:
+        """Make pages untouchable again; the guest's next touch faults."""
+        self.revoke(offset, length)  # write back what the guest wrote while allowed
+        self.allowed[self._pages(offset, length)] = False
+        self.revoke(offset, length)  # and drop anything faulted in meanwhile
+
+    def deny_all(self) -> None:
+        self.deny(0, self.size)
+
+    def is_allowed(self, offset: int, length: int) -> bool:
+        return bool(self.allowed[self._pages(offset, length)].all())
+
+    def revoke(self, offset: int, length: int) -> None:
+        if self.fuse is None or length <= 0:
+            return
+        start = offset // PAGE_SIZE * PAGE_SIZE
+        end = min(self.size, (offset + length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
+        self.fuse.invalidate(start, end - start)
+        self.log.add("revoked", start, end - start)
+
+    def sync(self, offset: int, length: int) -> None:
+        """Around device access to aperture memory (fault mode): write back the guest's
+        dirty pages and drop its copies, so both sides see each other's writes."""
+        if self.fuse is not None and self.allowed[self._pages(offset, length)].any():
+            self.revoke(offset, length)
+
+    # ------------------------------------------------------------------ fault mode callbacks
+
+    def _memory(self, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        start = self.partition.offset + offset
+        return self.physical.memory[start : start + length]
+
+    def fault(self, offset: int, length: int) -> bytes | int:
+        """A first touch (FUSE READ) of [offset, offset+length)."""
+        if self.is_allowed(offset, length):
+            self.log.add("served", offset, length)
+            return self._memory(offset, length).tobytes()
+        if length > PAGE_SIZE:
+            # Some page in this window is not allowed: refuse the window, and the kernel
+            # asks again for the touched page alone.
+            return errno.EIO
+        if self.policy is DeniedPolicy.SIGBUS:
+            self.log.add("denied", offset, length)
+            return errno.EIO
+        if self.policy is DeniedPolicy.DUMMY:
+            self.log.add("dummy", offset, length)
+            return ZERO_PAGE[:length]
+        self.log.add("reported", offset, length)
+        self.report(offset, False)
+        return ONES_PAGE[:length]
+
+    def writeback(self, offset: int, data: bytes) -> None:
+        """Dirty pages written back (FUSE WRITE): kept where allowed, dropped elsewhere."""
+        for page_offset in range(offset - offset % PAGE_SIZE, offset + len(data), PAGE_SIZE):
+            lo, hi = max(offset, page_offset), min(offset + len(data), page_offset + PAGE_SIZE)
+            if self.is_allowed(lo, hi - lo):
+                self._memory(lo, hi - lo)[:] = np.frombuffer(data, np.uint8, hi - lo, lo - offset)
+                self.log.add("written_back", lo, hi - lo)
+            else:
+                self.log.add("write_dropped", lo, hi - lo)
+
+    # ------------------------------------------------------------------ REGION messages
+
+    def read(self, offset: int, count: int) -> bytes:
+        """A trapped read (trap mode, or QEMU reading an mmapped region by message)."""
+        if self.mode is MappingMode.STATIC or self.is_allowed(offset, count):
+            self.sync(offset, count)
+            return self._memory(offset, count).tobytes()
+        return self._denied_access(offset, count, write=False)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.mode is MappingMode.STATIC or self.is_allowed(offset, len(data)):
+            self.sync(offset, len(data))
+            self._memory(offset, len(data))[:] = np.frombuffer(data, np.uint8)
+            self.sync(offset, len(data))
+            return
+        self._denied_access(offset, len(data), write=True)
+
+    def _denied_access(self, offset: int, count: int, *, write: bool) -> bytes:
+        if self.policy is DeniedPolicy.SIGBUS:
+            self.log.add("denied", offset, count)
+            raise VfioUserError(errno.EFAULT, f"aperture {offset:#x}+{count} is not allocated")
+        if self.policy is DeniedPolicy.DUMMY:
+            self.log.add("dummy", offset, count)
+            return bytes(count)
+        self.log.add("reported", offset, count)
+        self.report(offset, write)
+        return b"\xff" * count
+
+    def close(self) -> None:
+        if self.fuse is not None:
+            self.fuse.close()
+            self.fuse = None
+            self.file_fd = -1
