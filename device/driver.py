@@ -63,9 +63,10 @@ class MgpuDriver:
         self.context = context
         if client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) != regs.ID_VALUE:
             raise DriverError(0, "not an mgpu device")
-        # One eventfd per vector we use: FENCE, ERROR, DMA; MSI-X, or MSI if that is all.
+        # One eventfd per vector we use: FENCE, ERROR, DMA, FAULT; MSI-X, or MSI if that is all.
         self.irq_index = PciIrq.MSIX if client.irq_info(PciIrq.MSIX).count else PciIrq.MSI
-        self.vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
+        self.vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                             for _ in range(len(regs.INT_VECTORS)))
         client.set_irq_eventfds(self.irq_index, self.vectors)
         self.interrupts_seen = [0] * len(self.vectors)  # per vector, counted by drain
         self.ring_size = ring_size

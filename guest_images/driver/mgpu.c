@@ -23,7 +23,7 @@
 
 #define MGPU_VENDOR 0x1234
 #define MGPU_DEVICE 0x4d47
-#define MGPU_VECTORS 3
+#define MGPU_VECTORS 4
 #define MGPU_BUFFER_SIZE (4u << 20)
 
 struct mgpu {
