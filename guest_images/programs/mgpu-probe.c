@@ -321,6 +321,36 @@ static int cmd_dma(const char *bdf, const char *direction, uint64_t aperture_off
     return status == MGPU_DMA_STATUS_DONE && !bad ? 0 : 1;
 }
 
+/* Resource commands through the RES_* registers. */
+static int cmd_res(const char *bdf, const char *what, uint64_t argument)
+{
+    struct bar regs = map_bar(bdf, 0);
+    uint32_t command;
+    if (!strcmp(what, "create")) {
+        wr32(&regs, MGPU_REG_RES_SIZE_LO, (uint32_t)argument);
+        wr32(&regs, MGPU_REG_RES_SIZE_HI, (uint32_t)(argument >> 32));
+        command = MGPU_RES_CREATE;
+    } else {
+        wr32(&regs, MGPU_REG_RES_HANDLE, (uint32_t)argument);
+        if (!strcmp(what, "destroy"))
+            command = MGPU_RES_DESTROY;
+        else if (!strcmp(what, "place"))
+            command = MGPU_RES_PLACE;
+        else if (!strcmp(what, "remove"))
+            command = MGPU_RES_REMOVE;
+        else
+            die("resource command is create, destroy, place or remove");
+    }
+    wr32(&regs, MGPU_REG_RES_COMMAND, command);
+    uint32_t status = rd32(&regs, MGPU_REG_RES_STATUS);
+    printf("MGPU-RESULT status=%u\n", status);
+    if (command == MGPU_RES_CREATE)
+        printf("MGPU-RESULT handle=%u\n", rd32(&regs, MGPU_REG_RES_HANDLE));
+    if (command == MGPU_RES_PLACE)
+        printf("MGPU-RESULT offset=0x%x\n", rd32(&regs, MGPU_REG_RES_OFFSET_LO));
+    return status ? 1 : 0;
+}
+
 static void usage(void)
 {
     fprintf(stderr,
@@ -330,7 +360,8 @@ static void usage(void)
             "       mgpu-probe write BDF BAR OFFSET VALUE\n"
             "       mgpu-probe latency BDF BAR OFFSET COUNT\n"
             "       mgpu-probe fill|check BDF BAR OFFSET LENGTH SEED\n"
-            "       mgpu-probe dma BDF to-aperture|from-aperture APERTURE_OFFSET LENGTH SEED\n");
+            "       mgpu-probe dma BDF to-aperture|from-aperture APERTURE_OFFSET LENGTH SEED\n"
+            "       mgpu-probe res BDF create SIZE | destroy|place|remove HANDLE\n");
     exit(2);
 }
 
@@ -362,6 +393,8 @@ int main(int argc, char **argv)
     if ((!strcmp(cmd, "fill") || !strcmp(cmd, "check")) && argc == 7)
         return cmd_pattern(argv[2], (int)parse(argv[3]), parse(argv[4]), parse(argv[5]),
                            (uint32_t)parse(argv[6]), !strcmp(cmd, "fill"));
+    if (!strcmp(cmd, "res") && argc == 5)
+        return cmd_res(argv[2], argv[3], parse(argv[4]));
     if (!strcmp(cmd, "dma") && argc == 7)
         return cmd_dma(argv[2], argv[3], parse(argv[4]), parse(argv[5]), (uint32_t)parse(argv[6]));
     usage();
