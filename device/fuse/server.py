@@ -63,6 +63,7 @@ class FuseAperture:
         self.fuse_fd = -1
         self.file_fd = -1
         self.requests = 0
+        self.connection: int | None = None  # the kernel's id: /sys/fs/fuse/connections/N
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -93,6 +94,7 @@ class FuseAperture:
                 self._threads.append(thread)
             self.file_fd = os.open(os.path.join(mountpoint, FILE_NAME.decode()),
                                    os.O_RDWR | os.O_CLOEXEC)
+            self.connection = os.minor(os.fstat(self.file_fd).st_dev)
         except BaseException:
             self.close()
             raise
@@ -101,18 +103,11 @@ class FuseAperture:
             shutil.rmtree(mountpoint, ignore_errors=True)
         return self.file_fd
 
-    @property
-    def connection(self) -> int | None:
-        """The kernel's id for this FUSE connection (/sys/fs/fuse/connections/N)."""
-        if self.file_fd < 0:
-            return None
-        return os.minor(os.fstat(self.file_fd).st_dev)
-
     def abort(self) -> None:
         """Abort the connection: every waiter on it (a stuck QEMU too) gets an error
         instead of hanging in D state.  Needs fusectl, which this mounts if missing."""
         connection = self.connection
-        if connection is None:
+        if connection is None or self.fuse_fd < 0:
             return
         control = "/sys/fs/fuse/connections"
         if not os.path.exists(f"{control}/{connection}"):
@@ -124,8 +119,12 @@ class FuseAperture:
             log.warning("%s: cannot abort FUSE connection %s: %s", self.name, connection, exc)
 
     def close(self) -> None:
-        """Close the file and the connection; the kernel aborts what is left."""
+        """Abort the connection and close everything.  Aborting is what wakes the
+        serving threads (a close does not interrupt their reads), and any process that
+        still holds the file (a QEMU still attached) gets errors, never stale data."""
         self._stopping = True
+        if self._threads:
+            self.abort()
         if self.file_fd >= 0:
             os.close(self.file_fd)
             self.file_fd = -1

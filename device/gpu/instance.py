@@ -316,6 +316,7 @@ class GpuInstance:
         self.engine.stop()
         self._jobs.put(None)
         self._worker.join(5)
+        self.window.deny_all()  # unmap every page from a QEMU that may still be attached
         self.window.close()
         self.resources.clear()
         self.aperture.release()

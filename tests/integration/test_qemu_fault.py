@@ -4,6 +4,7 @@ each denied-access policy; and two VMs on one physical GPU never see each other'
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -100,7 +101,11 @@ def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
         handle = int(res(vm, bdf, "create", 4096)["handle"])
         offset = int(res(vm, bdf, "place", handle)["offset"], 0)
         vm.check(f"mgpu-probe fill {bdf} 2 {offset:#x} 4096 1")  # allowed: fine
-        with pytest.raises(GuestError, match="QEMU exited|closed its port"):
+        assert vm.process is not None
+        qemu_fds = [os.readlink(f"/proc/{vm.process.pid}/fd/{fd}")
+                    for fd in os.listdir(f"/proc/{vm.process.pid}/fd")]
+        assert "/dev/fuse" not in qemu_fds, "the FUSE connection never leaks into QEMU"
+        with pytest.raises(GuestError, match=r"QEMU exited|closed its port"):
             vm.run(f"mgpu-probe read {bdf} 2 {offset + 0x100000:#x}", timeout=60)
         assert vm.process is not None and vm.process.wait(30) == -signal.SIGBUS
         denied = served.device.window.log.of("denied")

@@ -244,3 +244,31 @@ def test_trap_mode_checks_every_access(denied: str) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+
+
+def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
+    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="mgpu-reuse-"))
+    with GpuServer(PhysicalGpu(4 * MiB, contexts=2, types=TYPES)) as server:
+        first = server.create_instance("first", "small", workdir / "a.sock", mapping="fault",
+                                       denied="dummy")
+        old = Guest(VfioUserClient.connect(first.endpoint.path))
+        _, offset = old.placed(PAGE, fill=0x01010101)
+        assert old.touch(offset, 4) == b"\x01" * 4  # cached in the old owner's page cache
+        old.client.close()
+        server.destroy_instance("first")  # its partition goes back to the pool, zeroed
+        second = server.create_instance("second", "small", workdir / "b.sock",
+                                        mapping="fault", denied="dummy")
+        assert second.device.partition.offset == first.device.partition.offset
+        new = Guest(VfioUserClient.connect(second.endpoint.path))
+        _, new_offset = new.placed(PAGE, fill=0x0B0B0B0B)
+        assert new_offset == offset
+        # The old mapping is revoked and its connection gone: never the new owner's data.
+        with pytest.raises(OSError):
+            old.touch(offset, 4)
+        assert new.touch(offset, 4) == b"\x0b" * 4
+        os.close(old.fd)
+        old.driver.close()
+        new.close()
+    shutil.rmtree(workdir, ignore_errors=True)
