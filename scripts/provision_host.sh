@@ -11,6 +11,7 @@ say() { printf '==> %s\n' "$*"; }
 need=()
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v gcc >/dev/null || need+=(gcc)
+command -v fusermount3 >/dev/null || need+=(fuse3)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -23,6 +23,8 @@ import errno
 import logging
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
 import threading
 from typing import Protocol
@@ -43,6 +45,57 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 class FuseUnavailable(Exception):
     """A FUSE mount cannot be made here; the message says why and what to do."""
+
+
+def _mount_as_root(mountpoint: str) -> int:
+    try:
+        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FuseUnavailable(f"cannot open /dev/fuse: {exc.strerror}") from None
+    options = (f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
+               f"max_read={MAX_WRITE}").encode()
+    if _libc.mount(b"mgpu", mountpoint.encode(), b"fuse.mgpu", MS_NOSUID | MS_NODEV,
+                   options) != 0:
+        error = ctypes.get_errno()
+        os.close(fuse_fd)
+        raise FuseUnavailable(f"mount of the FUSE aperture failed: {os.strerror(error)}")
+    return fuse_fd
+
+
+def _mount_with_fusermount(mountpoint: str) -> int:
+    """Without root, the setuid fusermount3 mounts and hands us the /dev/fuse fd back
+    over a socket (libfuse's _FUSE_COMMFD protocol)."""
+    fusermount = shutil.which("fusermount3")
+    if fusermount is None:
+        raise FuseUnavailable("fault mode without root needs fusermount3: apt-get install "
+                              "fuse3, or run as root, or use the trap or static mode")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        result = subprocess.run(
+            [fusermount, "-o", f"fsname=mgpu,subtype=mgpu,max_read={MAX_WRITE}", "--",
+             mountpoint], env=env, pass_fds=(theirs.fileno(),), capture_output=True,
+            text=True, timeout=30)
+        if result.returncode != 0:
+            raise FuseUnavailable(f"fusermount3 could not mount: {result.stderr.strip()}")
+        _, ancillary, _, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fuse_fd = int.from_bytes(data[:4], "little")
+            os.set_inheritable(fuse_fd, False)
+            return fuse_fd
+    raise FuseUnavailable("fusermount3 mounted but sent no /dev/fuse descriptor")
+
+
+def _detach(mountpoint: str, privileged: bool) -> None:
+    """Lazily unmount: the open aperture file keeps the filesystem alive, unlisted."""
+    if privileged:
+        _libc.umount2(mountpoint.encode(), MNT_DETACH)
+    else:
+        fusermount = shutil.which("fusermount3")
+        if fusermount:
+            subprocess.run([fusermount, "-u", "-z", "--", mountpoint], capture_output=True,
+                           timeout=30)
 
 
 class ApertureBackend(Protocol):
@@ -71,22 +124,10 @@ class FuseAperture:
 
     def start(self) -> int:
         """Mount, serve, open the aperture file, detach; returns the file's fd."""
-        if os.geteuid() != 0:
-            raise FuseUnavailable(
-                "fault mode mounts a FUSE filesystem, which needs root here; run the "
-                "server as root or choose the trap or static mapping mode")
-        try:
-            self.fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise FuseUnavailable(f"cannot open /dev/fuse: {exc.strerror}") from None
         mountpoint = tempfile.mkdtemp(prefix=f"mgpu-{self.name}-")
+        privileged = os.geteuid() == 0
         try:
-            options = (f"fd={self.fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
-                       f"max_read={MAX_WRITE}").encode()
-            if _libc.mount(b"mgpu", mountpoint.encode(), b"fuse.mgpu", MS_NOSUID | MS_NODEV,
-                           options) != 0:
-                error = ctypes.get_errno()
-                raise FuseUnavailable(f"mount of the FUSE aperture failed: {os.strerror(error)}")
+            self.fuse_fd = (_mount_as_root if privileged else _mount_with_fusermount)(mountpoint)
             for n in range(self.thread_count):
                 thread = threading.Thread(target=self._serve, name=f"{self.name}-fuse{n}",
                                           daemon=True)
@@ -99,15 +140,16 @@ class FuseAperture:
             self.close()
             raise
         finally:
-            _libc.umount2(mountpoint.encode(), MNT_DETACH)
+            _detach(mountpoint, privileged)
             shutil.rmtree(mountpoint, ignore_errors=True)
         return self.file_fd
 
     def abort(self) -> None:
         """Abort the connection: every waiter on it (a stuck QEMU too) gets an error
-        instead of hanging in D state.  Needs fusectl, which this mounts if missing."""
+        instead of hanging in D state.  Needs fusectl, which this mounts if missing
+        (as root; without root, closing the connection has to do)."""
         connection = self.connection
-        if connection is None or self.fuse_fd < 0:
+        if connection is None or self.fuse_fd < 0 or os.geteuid() != 0:
             return
         control = "/sys/fs/fuse/connections"
         if not os.path.exists(f"{control}/{connection}"):
