@@ -15,7 +15,6 @@ create/destroy rate.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import percentile, publish  # noqa: E402
 
 from device.cli import parse_size  # noqa: E402
 from device.client import VfioUserClient  # noqa: E402
@@ -36,11 +38,6 @@ from device.gpu.commands import Opcode, encode  # noqa: E402
 from device.gpu.physical import PhysicalGpu  # noqa: E402
 from device.gpu.types import InstanceType  # noqa: E402
 from device.manager import GpuServer  # noqa: E402
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def rate_row(samples_s: list[float], size: int) -> dict[str, float]:
@@ -123,9 +120,7 @@ def main() -> int:
           f"upload / numpy: {results['ratio_upload_to_numpy']:.2f}x")
     print(f"create+destroy: {cd['pairs_per_s']} pairs/s ({cd['us_per_pair']} us; allocator "  # type: ignore[index]
           f"alone {cd['allocator_only_pairs_per_s']} pairs/s)")  # type: ignore[index]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+    publish(results, args.json)
     return 0
 
 

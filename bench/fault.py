@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import publish  # noqa: E402
 
 from device.fuse import protocol as fp  # noqa: E402
 from device.gpu.physical import PhysicalGpu  # noqa: E402
@@ -169,9 +172,7 @@ def main() -> int:
           f"{bw['fault']} vs {bw['memfd']} MB/s = {results['ratio_bandwidth_to_memfd']}x "  # type: ignore[index]
           f"(target >= 0.9x); revoke per page: clean {revoke['clean']} us, dirty "
           f"{revoke['dirty']} us")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+    publish(results, args.json)
     return 0
 
 

@@ -19,7 +19,6 @@ which would swamp what we measure), and the two round trips are interleaved in r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -31,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import percentile, publish  # noqa: E402
 
 from device.client import VfioUserClient  # noqa: E402
 from device.gpu.instance import GpuInstance  # noqa: E402
@@ -55,11 +57,6 @@ while True:
         break
     conn.send(reply)
 """
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def summarize(samples_ns: list[int]) -> dict[str, float]:
@@ -186,9 +183,7 @@ def main() -> int:
         print(f"{key:<28}{row['median_us']:>12.2f}{row['p99_us']:>12.2f}{row['msgs_per_s']:>12.0f}")
     print(f"round trip / floor: {results['ratio_round_trip_to_floor']:.2f}x (target <= 1.5x); "
           f"server handle median {results['server_handle']['median_us']:.2f} us (target <= 5 us)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+    publish(results, args.json)
     return 0
 
 

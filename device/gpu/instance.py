@@ -94,6 +94,8 @@ class GpuInstance:
 
     Made by ``PhysicalGpu``'s owner with ``physical`` and ``instance_type``; without
     them it gets a private physical GPU the size of its aperture (tests, one-off use).
+    ``aperture`` is a memoryview of the device memory behind BAR2 (the partition);
+    ``window`` is how the guest reaches it (mapping mode, page permissions, fault log).
     """
 
     def __init__(self, name: str = "gpu0", aperture_size: int = DEFAULT_APERTURE_SIZE, *,
