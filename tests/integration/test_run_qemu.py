@@ -37,13 +37,21 @@ def read_until(proc: subprocess.Popen[bytes], pattern: str, seen: bytearray,
             raise AssertionError(f"no {pattern!r} in run_qemu.sh output:\n{seen.decode()[-3000:]}")
 
 
-def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime) -> None:
+@pytest.mark.parametrize("kvm", [False, True], ids=["tcg", "kvm-if-probe-boots"])
+def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime, kvm: bool) -> None:
     assert runtime.kernel.exists()  # built once by the session fixture
-    proc = subprocess.Popen([str(ROOT / "run_qemu.sh"), "--instances", "2", "--memory", "512"],
+    extra = ["--kvm"] if kvm else []
+    proc = subprocess.Popen([str(ROOT / "run_qemu.sh"), "--instances", "2", "--memory", "512",
+                             *extra],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     seen = bytearray()
     try:
+        accel = read_until(proc, r"QEMU \S+ under (TCG|KVM)", seen, timeout=180).group(1)
+        if kvm and accel == "TCG":
+            assert "KVM probe boot failed" in seen.decode(), "TCG only after a failed probe"
+        elif not kvm:
+            assert accel == "TCG", "TCG is the default"
         workdir = Path(read_until(proc, r"server log (\S+)/server\.log", seen).group(1))
         qmp = read_until(proc, r"QMP socket (\S+);", seen).group(1)
         read_until(proc, r"mgpu guest ready", seen)
