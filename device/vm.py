@@ -66,13 +66,15 @@ def qemu_command(runtime: Runtime, *, memory_mb: int = 512, accel: str = "tcg",
 class GuestVM:
     def __init__(self, runtime: Runtime, workdir: Path, *,
                  vfio_user_sockets: Sequence[Path] = (), memory_mb: int = 512,
-                 accel: str = "tcg", shared_ram: bool = True, cmdline_extra: str = "",
-                 extra_args: Sequence[str] = (), boot_timeout: float = BOOT_TIMEOUT) -> None:
+                 accel: str = "tcg", agent: bool = True, shared_ram: bool = True,
+                 cmdline_extra: str = "", extra_args: Sequence[str] = (),
+                 boot_timeout: float = BOOT_TIMEOUT) -> None:
         self.runtime = runtime
         self.workdir = Path(workdir)
         self.vfio_user_sockets = list(vfio_user_sockets)
         self.memory_mb = memory_mb
         self.accel = accel
+        self.agent = agent
         self.shared_ram = shared_ram
         self.cmdline_extra = cmdline_extra
         self.extra_args = list(extra_args)
@@ -82,7 +84,7 @@ class GuestVM:
         self.qmp_path = self.workdir / "qmp.sock"
         self.agent_path = self.workdir / "agent.sock"
         self.process: subprocess.Popen[bytes] | None = None
-        self.qmp: QEMUMonitorProtocol | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
         self._agent: socket.socket | None = None
         self._agent_buffer = b""
         self._next_id = 1
@@ -90,14 +92,28 @@ class GuestVM:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        """The QMP connection (qemu.qmp's synchronous client); only after ``start``."""
+        if self._qmp is None:
+            raise GuestError("QEMU is not running: call start() first")
+        return self._qmp
+
     def command_line(self) -> list[str]:
+        # ttyS0 (console) goes to a file; ttyS1 is the agent's port, a socket we connect to.
+        serial = [f"file:{self.serial_log}"]
+        agent_args: list[str] = []
+        if self.agent:
+            serial.append("chardev:agent")
+            agent_args = ["-chardev",
+                          f"socket,id=agent,path={self.agent_path},server=on,wait=off"]
         return qemu_command(
             self.runtime, memory_mb=self.memory_mb, accel=self.accel,
             vfio_user_sockets=self.vfio_user_sockets, shared_ram=self.shared_ram,
-            append=f"mgpu.agent=1 {self.cmdline_extra}",
-            serial=[f"file:{self.serial_log}", "chardev:agent"],
+            append=f"{'mgpu.agent=1 ' if self.agent else ''}{self.cmdline_extra}",
+            serial=serial,
             extra_args=[
-                "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+                *agent_args,
                 "-chardev", f"socket,id=qmp,path={self.qmp_path}",
                 "-object", "monitor-qmp,id=qmp-monitor,chardev=qmp",
                 *self.extra_args,
@@ -105,17 +121,19 @@ class GuestVM:
         )
 
     def start(self) -> None:
-        """Launch QEMU and wait until QMP is up and the guest agent says it is ready."""
+        """Launch QEMU and wait until QMP is up and (with the agent) the guest is ready."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        self.qmp = QEMUMonitorProtocol(str(self.qmp_path), server=True)
+        self._qmp = QEMUMonitorProtocol(str(self.qmp_path), server=True)
         with open(self.qemu_log, "wb") as log:
             self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT)
         try:
-            self.qmp.accept(timeout=30)
+            self._qmp.accept(timeout=30)
         except Exception as exc:
             raise GuestError(f"QEMU did not connect to QMP: {exc}\n{self.diagnostics()}") from exc
+        if not self.agent:
+            return
         self._connect_agent(started + self.boot_timeout)
         self._wait_for(b"@@MGPU-READY\n", started + self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
@@ -149,7 +167,7 @@ class GuestVM:
 
     def quit(self, timeout: float = 30) -> int:
         """QMP quit; returns QEMU's exit status."""
-        assert self.qmp is not None and self.process is not None
+        assert self.process is not None
         with contextlib.suppress(Exception):
             self.qmp.cmd("quit")
         return self.process.wait(timeout)
@@ -158,10 +176,10 @@ class GuestVM:
         if self._agent is not None:
             self._agent.close()
             self._agent = None
-        if self.qmp is not None:
+        if self._qmp is not None:
             with contextlib.suppress(Exception):
-                self.qmp.close()
-            self.qmp = None
+                self._qmp.close()
+            self._qmp = None
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGKILL)
@@ -181,7 +199,8 @@ class GuestVM:
 
     def _wait_for(self, marker: bytes, deadline: float) -> bytes:
         """Read agent output until ``marker``; returns everything before it."""
-        assert self._agent is not None
+        if self._agent is None:
+            raise GuestError("no guest agent: GuestVM(agent=True) and start() first")
         while marker not in self._agent_buffer:
             self._check_alive()
             left = deadline - time.monotonic()
@@ -203,7 +222,8 @@ class GuestVM:
         """Run a shell command in the guest; returns (exit status, stdout+stderr)."""
         if "\n" in command:
             raise ValueError("guest commands are one line")
-        assert self._agent is not None
+        if self._agent is None:
+            raise GuestError("no guest agent: GuestVM(agent=True) and start() first")
         ident = self._next_id
         self._next_id += 1
         self._agent.sendall(f"{ident} {command}\n".encode())
@@ -223,13 +243,15 @@ class GuestVM:
     # ------------------------------------------------------------------ QMP
 
     def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
-        assert self.qmp is not None
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GuestError(f"no QMP event {name} {match} within {timeout}s")
-            event = self.qmp.pull_event(wait=left)
+            try:
+                event = self.qmp.pull_event(wait=left)
+            except TimeoutError:  # asyncio's, the same class since Python 3.11
+                continue  # the deadline check above reports it
             if event is None:
                 continue
             data = event.get("data", {})
@@ -238,23 +260,21 @@ class GuestVM:
 
     def hot_unplug(self, dev_id: str, timeout: float = 60) -> None:
         """device_del, then wait for the guest to release it (DEVICE_DELETED)."""
-        assert self.qmp is not None
         self.qmp.cmd("device_del", id=dev_id)
         self.wait_event("DEVICE_DELETED", timeout, device=dev_id)
 
     def hot_plug(self, dev_id: str, bus: str, socket_path: Path) -> None:
         """device_add a vfio-user GPU on a (hotplug-capable) PCIe root port."""
-        assert self.qmp is not None
         self.qmp.cmd("device_add", **vfio_user_device(dev_id, bus, socket_path))
 
 
-def probe_kvm(runtime: Runtime, workdir: Path, timeout: float = 20) -> bool:
+def probe_kvm(runtime: Runtime, workdir: Path | None = None, timeout: float = 20) -> bool:
     """Does a real guest boot under KVM here?  (Nested KVM on these VMs often cannot: it
     hangs or stops with an internal error.)  A TCG boot takes about 4 s, so a KVM boot
     that has not finished in ``timeout`` seconds counts as a failure."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    workdir.mkdir(parents=True, exist_ok=True)
+    del workdir  # kept for callers that pass one: the probe boot writes no files
     argv = qemu_command(runtime, memory_mb=256, accel="kvm", append="mgpu.test=boot",
                         serial=["stdio"], spare_root_ports=0, shared_ram=False)
     try:

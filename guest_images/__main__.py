@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from .build import BuildError, cache_dir, ensure_runtime
 
@@ -26,9 +28,10 @@ def main() -> int:
     except BuildError as exc:
         print(f"guest runtime build failed: {exc}", file=sys.stderr)
         return 1
-    summary = {"cache_dir": str(cache_dir()), "qemu_argv": list(runtime.qemu_argv),
-               "qemu_version": runtime.qemu_version, "kernel": str(runtime.kernel),
-               "initrd": str(runtime.initrd)}
+    # Runtime's own fields (paths as strings), plus where the cache is.
+    summary = {field: str(value) if isinstance(value, Path) else value
+               for field, value in dataclasses.asdict(runtime).items()}
+    summary["cache_dir"] = str(cache_dir())
     if args.command == "info" and args.json:
         print(json.dumps(summary, indent=2))
     else:

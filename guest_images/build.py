@@ -47,10 +47,15 @@ ROOT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "linux-headers-amd64", 
                  "binutils", "busybox-static", "kmod")
 ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
 INITRAMFS_RECIPE = "1"
-# vfio-pci in the guest (noiommu) gives guest programs MSI-X interrupts.
+# Shipped for vfio-pci in the guest.  Debian's kernel lacks CONFIG_VFIO_NOIOMMU, so
+# without a vIOMMU these cannot give userspace MSI-X; driver/mgpu.c does that instead.
 GUEST_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass")
 MIN_QEMU = (10, 1)
-HOST_PACKAGES = {"mmdebstrap": "mmdebstrap", "gcc": "gcc", "dpkg": "dpkg"}
+# (command or absolute file that must exist, Debian package providing it).  libc.a is
+# checked on its own: gcc does not pull in libc6-dev without recommends, and `gcc -static`
+# then fails with a linker error that does not name the package.
+HOST_TOOLS = (("mmdebstrap", "mmdebstrap"), ("gcc", "gcc"), ("dpkg", "dpkg"),
+              ("unshare", "util-linux"), ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"))
 
 Progress = Callable[[str], None]
 
@@ -119,7 +124,8 @@ def _run(argv: list[str], what: str, progress: Progress, **kwargs: object) -> No
 
 
 def _ensure_host_tools(progress: Progress) -> None:
-    missing = [pkg for tool, pkg in HOST_PACKAGES.items() if shutil.which(tool) is None]
+    missing = [pkg for tool, pkg in HOST_TOOLS
+               if not (Path(tool).exists() if tool.startswith("/") else shutil.which(tool))]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -399,7 +405,13 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
 
 def ensure_runtime(progress: Progress | None = None) -> Runtime:
     """Build what is missing (or stale) and return where everything is."""
-    say = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    sink = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        # Elapsed time on every line shows which step (or mmdebstrap phase) is slow.
+        sink(f"[{time.monotonic() - started:6.1f}s] {message}")
+
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / "build.lock", say):
