@@ -84,10 +84,13 @@ class Endpoint:
         while not self._stopping.is_set():
             try:
                 client, _ = self.listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
-                raise
+                # EMFILE and friends pass: keep serving this device once they do.
+                log.warning("%s: accept failed (%s); retrying", self.name, exc)
+                self._stopping.wait(0.1)
+                continue
             with self._lock:
                 if self._stopping.is_set():
                     client.close()

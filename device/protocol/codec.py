@@ -63,9 +63,12 @@ class FrameDecoder:
         position = 0
         while length - position >= HEADER_SIZE:
             msg_id, command, size, flags, error = _HEADER.unpack_from(chunk, position)
-            if size < HEADER_SIZE:
-                raise FramingError(f"message size {size} is smaller than its header")
-            if size > self.max_message_size:
+            if size < HEADER_SIZE or size > self.max_message_size:
+                # Frames parsed in this call are never returned: their fds are ours to close.
+                for frame in frames:
+                    _close_all(frame.fds)
+                if size < HEADER_SIZE:
+                    raise FramingError(f"message size {size} is smaller than its header")
                 raise FramingError(
                     f"message size {size} exceeds the limit of {self.max_message_size}"
                 )

@@ -119,7 +119,7 @@ class Version:
             text = raw[:-1]
             try:
                 parsed = json.loads(text) if text else {}
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError: a ValueError
                 raise MalformedMessage(f"VERSION: capabilities are not JSON: {exc}") from None
             if not isinstance(parsed, dict):
                 raise MalformedMessage("VERSION: capabilities JSON is not an object")

@@ -105,7 +105,7 @@ def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(
     # The device still works afterwards.
     memory.write(GUEST_BASE, b"still alive")
     assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
-    assert device.aperture[0:11] == b"still alive"
+    assert bytes(device.aperture[0:11]) == b"still alive"
 
 
 def test_client_refusing_a_dma_read_becomes_a_device_error(
@@ -129,7 +129,7 @@ def test_fd_backed_memory_is_accessed_directly_without_messages(
     before = client.server_requests_served
     assert run_copy(client, regs.DmaCommand.TO_APERTURE, 0x4000_0800, 0x40, 14) == 2
     assert client.server_requests_served == before
-    assert device.aperture[0x40:0x4E] == b"through the fd"
+    assert bytes(device.aperture[0x40:0x4E]) == b"through the fd"
     assert device.dma is not None
     view = device.dma.view(0x4000_0800, 14)
     assert view.tobytes() == b"through the fd"
@@ -185,7 +185,7 @@ def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers() -
             # The slow device's own socket thread answers registers while its DMA waits.
             assert slow.read32(PciRegion.BAR0, reg("ID")) == regs.ID_VALUE
             assert run_copy(slow, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
-            assert devices[0].aperture[0:11] == b"late answer"
+            assert bytes(devices[0].aperture[0:11]) == b"late answer"
     finally:
         for endpoint in endpoints:
             endpoint.stop()
