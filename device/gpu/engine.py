@@ -14,9 +14,11 @@ must never run on the socket thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -107,11 +109,18 @@ class Engine:
 
     # ------------------------------------------------------------------ guest memory
 
-    def _read_guest(self, address: int, length: int) -> bytes:
+    @staticmethod
+    @contextlib.contextmanager
+    def _dma_fault(what: str) -> Iterator[None]:
+        """A guest-memory access that fails is the command's DMA_FAULT."""
         try:
-            return self.host.guest_memory().read(address, length)
+            yield
         except VfioUserError as exc:
-            raise DeviceError(ErrorCode.DMA_FAULT, f"reading guest {address:#x}: {exc}") from None
+            raise DeviceError(ErrorCode.DMA_FAULT, f"{what}: {exc}") from None
+
+    def _read_guest(self, address: int, length: int) -> bytes:
+        with self._dma_fault(f"reading guest {address:#x}"):
+            return self.host.guest_memory().read(address, length)
 
     def _resource(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
         start, end = self.host.resource_range(handle, offset, length)
@@ -139,19 +148,15 @@ class Engine:
             guest, handle, offset, length = a[:4]
             self._check_length(length)
             target = self._resource(handle, offset, length)
-            try:
+            with self._dma_fault(f"reading guest {guest:#x}"):
                 self.host.guest_memory().read_into(guest, target)
-            except VfioUserError as exc:
-                raise DeviceError(ErrorCode.DMA_FAULT, f"reading guest {guest:#x}: {exc}") from None
             return None
         if op == Opcode.READ_RESOURCE:
             handle, offset, guest, length = a[:4]
             self._check_length(length)
             source = self._resource(handle, offset, length)
-            try:
+            with self._dma_fault(f"writing guest {guest:#x}"):
                 self.host.guest_memory().write(guest, source.data)
-            except VfioUserError as exc:
-                raise DeviceError(ErrorCode.DMA_FAULT, f"writing guest {guest:#x}: {exc}") from None
             return None
         if op == Opcode.COPY_RESOURCE:
             src_handle, src_offset, dst_handle, dst_offset, length = a[:5]
@@ -179,10 +184,8 @@ class Engine:
         if op == Opcode.FENCE:
             guest, value = a[:2]
             if guest:
-                try:
+                with self._dma_fault(f"fence at {guest:#x}"):
                     self.host.guest_memory().write(guest, value.to_bytes(8, "little"))
-                except VfioUserError as exc:
-                    raise DeviceError(ErrorCode.DMA_FAULT, f"fence at {guest:#x}: {exc}") from None
             return value
         raise DeviceError(ErrorCode.INVALID_COMMAND, f"unknown opcode {op:#x}")
 
