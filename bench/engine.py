@@ -9,7 +9,7 @@ create/destroy rate.
 - ``create/destroy``: resource CREATE + DESTROY pairs through the registers (8 trapped
   register accesses per pair), against the allocator alone in this process.
 
-    python bench/engine.py [--size 32M] [--rounds 15] [--json PATH]
+    python -m bench.engine [--size 32M] [--rounds 15] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,32 +21,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from bench.common import percentile, publish
+from device.control.cli import parse_size
+from device.control.manager import GpuServer
+from device.gpu.allocator import PageAllocator
+from device.gpu.commands import Opcode, encode
+from device.gpu.physical import PhysicalGpu
+from device.gpu.types import InstanceType
+from device.harness.driver import GuestRam, MgpuDriver
+from device.vfio_user.client import VfioUserClient
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import percentile, publish  # noqa: E402
-
-from device.cli import parse_size  # noqa: E402
-from device.client import VfioUserClient  # noqa: E402
-from device.driver import GuestRam, MgpuDriver  # noqa: E402
-from device.gpu.allocator import PageAllocator  # noqa: E402
-from device.gpu.commands import Opcode, encode  # noqa: E402
-from device.gpu.physical import PhysicalGpu  # noqa: E402
-from device.gpu.types import InstanceType  # noqa: E402
-from device.manager import GpuServer  # noqa: E402
 
 
 def rate_row(samples_s: list[float], size: int) -> dict[str, float]:
     rates = [size / s / 1e6 for s in samples_s]  # MB/s per sample
-    return {"median_MBps": round(statistics.median(rates), 1),
-            "p99_low_MBps": round(percentile(rates, 0.01), 1),
-            "median_ms": round(statistics.median(samples_s) * 1e3, 3),
-            "p99_ms": round(percentile(samples_s, 0.99) * 1e3, 3),
-            "samples": len(samples_s)}
+    return {
+        "median_MBps": round(statistics.median(rates), 1),
+        "p99_low_MBps": round(percentile(rates, 0.01), 1),
+        "median_ms": round(statistics.median(samples_s) * 1e3, 3),
+        "p99_ms": round(percentile(samples_s, 0.99) * 1e3, 3),
+        "samples": len(samples_s),
+    }
 
 
 def main() -> int:
@@ -55,15 +55,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "engine.json")
-    parser.add_argument("--cpu", type=int, default=0,
-                        help="CPU to pin to: idle vCPUs here take 60-70 us to wake")
+    parser.add_argument(
+        "--cpu", type=int, default=0, help="CPU to pin to: idle vCPUs here take 60-70 us to wake"
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.cpu})
     size = args.size
     quota = 1 << (3 * size).bit_length()
     itype = InstanceType("bench", quota, 1, "benchmark")
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
-    results: dict[str, object] = {"benchmark": "engine", "size_bytes": size}
+    results: dict[str, Any] = {"benchmark": "engine", "size_bytes": size}
     with GpuServer(PhysicalGpu(quota, 1, (itype,))) as server:
         served = server.create_instance("bench", "bench", workdir / "gpu.sock")
         with VfioUserClient.connect(served.endpoint.path) as client:
@@ -100,26 +101,33 @@ def main() -> int:
             for _ in range(args.pairs):
                 allocator.free(allocator.allocate(4096))
             alloc_s = (time.perf_counter() - t) / args.pairs
-            results["create_destroy"] = {"pairs_per_s": round(1 / pair_s),
-                                         "us_per_pair": round(pair_s * 1e6, 1),
-                                         "allocator_only_pairs_per_s": round(1 / alloc_s)}
+            results["create_destroy"] = {
+                "pairs_per_s": round(1 / pair_s),
+                "us_per_pair": round(pair_s * 1e6, 1),
+                "allocator_only_pairs_per_s": round(1 / alloc_s),
+            }
             driver.close()
     workdir.rmdir()
-    numpy_rate = results["numpy"]["median_MBps"]  # type: ignore[index]
+    numpy_rate = results["numpy"]["median_MBps"]
     for key in ("copy", "upload"):
-        results[f"ratio_{key}_to_numpy"] = round(
-            results[key]["median_MBps"] / numpy_rate, 3)  # type: ignore[index]
+        results[f"ratio_{key}_to_numpy"] = round(results[key]["median_MBps"] / numpy_rate, 3)
     results["targets"] = {"ratio_copy_to_numpy_min": 0.8}
     print(f"{'path':<10}{'median MB/s':>14}{'p1 MB/s':>12}{'median ms':>12}{'p99 ms':>10}")
     for key in ("numpy", "copy", "upload"):
         row = results[key]
-        print(f"{key:<10}{row['median_MBps']:>14.0f}{row['p99_low_MBps']:>12.0f}"  # type: ignore[index]
-              f"{row['median_ms']:>12.2f}{row['p99_ms']:>10.2f}")  # type: ignore[index]
+        print(
+            f"{key:<10}{row['median_MBps']:>14.0f}{row['p99_low_MBps']:>12.0f}"
+            f"{row['median_ms']:>12.2f}{row['p99_ms']:>10.2f}"
+        )
     cd = results["create_destroy"]
-    print(f"engine copy / numpy: {results['ratio_copy_to_numpy']:.2f}x (target >= 0.8x); "
-          f"upload / numpy: {results['ratio_upload_to_numpy']:.2f}x")
-    print(f"create+destroy: {cd['pairs_per_s']} pairs/s ({cd['us_per_pair']} us; allocator "  # type: ignore[index]
-          f"alone {cd['allocator_only_pairs_per_s']} pairs/s)")  # type: ignore[index]
+    print(
+        f"engine copy / numpy: {results['ratio_copy_to_numpy']:.2f}x (target >= 0.8x); "
+        f"upload / numpy: {results['ratio_upload_to_numpy']:.2f}x"
+    )
+    print(
+        f"create+destroy: {cd['pairs_per_s']} pairs/s ({cd['us_per_pair']} us; allocator "
+        f"alone {cd['allocator_only_pairs_per_s']} pairs/s)"
+    )
     publish(results, args.json)
     return 0
 

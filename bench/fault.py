@@ -8,7 +8,7 @@
 - revoke: the cost per page of revoking clean pages and dirty pages (written back);
 - server time: Python time to handle one READ request (parse, check, serve, encode).
 
-    python bench/fault.py [--pages 2048] [--json PATH]      (needs root: FUSE mount)
+    python -m bench.fault [--pages 2048] [--json PATH]      (needs root: FUSE mount)
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from bench.common import publish
+from device.control.manager import GpuServer
+from device.fuse import protocol as fp
+from device.gpu.physical import PhysicalGpu
+from device.gpu.types import InstanceType
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import publish  # noqa: E402
-
-from device.fuse import protocol as fp  # noqa: E402
-from device.gpu.physical import PhysicalGpu  # noqa: E402
-from device.gpu.types import InstanceType  # noqa: E402
-from device.manager import GpuServer  # noqa: E402
 
 PAGE = 4096
 
@@ -66,9 +64,13 @@ sys.stdin.readline()  # keep the mapping until the parent has measured what it n
 
 
 def child(fd: int, size: int, mode: str) -> tuple[subprocess.Popen[str], dict[str, list[float]]]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(fd), str(size), mode],
-                            pass_fds=(fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(fd), str(size), mode],
+        pass_fds=(fd,),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     return proc, json.loads(proc.stdout.readline())
 
@@ -80,11 +82,13 @@ def finish(proc: subprocess.Popen[str]) -> None:
     proc.wait(30)
 
 
-def summary(samples_ns: list[float]) -> dict[str, float]:
+def summary(samples_ns: Sequence[float]) -> dict[str, float]:
     ordered = sorted(samples_ns)
-    return {"median_us": round(statistics.median(ordered) / 1000, 2),
-            "p99_us": round(ordered[int(0.99 * (len(ordered) - 1))] / 1000, 2),
-            "samples": len(ordered)}
+    return {
+        "median_us": round(statistics.median(ordered) / 1000, 2),
+        "p99_us": round(ordered[int(0.99 * (len(ordered) - 1))] / 1000, 2),
+        "samples": len(ordered),
+    }
 
 
 def main() -> int:
@@ -93,7 +97,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "fault.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("bench/fault.py needs root (fault mode mounts FUSE)", file=sys.stderr)
+        print("bench.fault needs root (fault mode mounts FUSE)", file=sys.stderr)
         return 2
     size = args.pages * PAGE
     quota = 1 << (size - 1).bit_length()
@@ -101,8 +105,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
     results: dict[str, object] = {"benchmark": "fault", "pages": args.pages}
     with GpuServer(PhysicalGpu(quota, 1, (itype,))) as server:
-        device = server.create_instance("bench", "bench", workdir / "gpu.sock",
-                                        mapping="fault").device
+        device = server.create_instance(
+            "bench", "bench", workdir / "gpu.sock", mapping="fault"
+        ).device
         window = device.window
         fuse = window.fuse
         assert fuse is not None
@@ -127,8 +132,9 @@ def main() -> int:
             finish(proc)
         results["first_touch_memfd"] = summary(touch["memfd"])
         results["first_touch_fault"] = summary(touch["fault"])
-        results["read_bandwidth_MBps"] = {k: round(statistics.median(v)) for k, v in
-                                          bandwidth.items()}
+        results["read_bandwidth_MBps"] = {
+            k: round(statistics.median(v)) for k, v in bandwidth.items()
+        }
 
         # Revoke cost: clean pages (touched by reads) and dirty pages (written).
         revoke: dict[str, float] = {}
@@ -138,18 +144,22 @@ def main() -> int:
             t = time.perf_counter_ns()
             fuse.invalidate(0, size)
             revoke["clean" if mode == "touch" else "dirty"] = round(
-                (time.perf_counter_ns() - t) / args.pages / 1000, 3)
+                (time.perf_counter_ns() - t) / args.pages / 1000, 3
+            )
             finish(proc)
         results["revoke_us_per_page"] = revoke
 
         # Server-side Python time per fault: one READ request through the handler.
-        request = bytearray(fp.IN_HEADER.pack(80, fp.Opcode.READ, 7, 2, 0, 0, 0, 0, 0)
-                            + fp.READ_IN.pack(0, 0, PAGE, 0, 0, 0, 0))
+        request = bytearray(
+            fp.IN_HEADER.pack(80, fp.Opcode.READ, 7, 2, 0, 0, 0, 0, 0)
+            + fp.READ_IN.pack(0, 0, PAGE, 0, 0, 0, 0)
+        )
         view = memoryview(request)
         handle_ns = []
         for i in range(5000):
-            fp.READ_IN.pack_into(request, fp.IN_HEADER.size, 0, (i % args.pages) * PAGE, PAGE,
-                                 0, 0, 0, 0)
+            fp.READ_IN.pack_into(
+                request, fp.IN_HEADER.size, 0, (i % args.pages) * PAGE, PAGE, 0, 0, 0, 0
+            )
             t = time.perf_counter_ns()
             fuse._handle(view)
             handle_ns.append(time.perf_counter_ns() - t)
@@ -162,16 +172,20 @@ def main() -> int:
     bw = results["read_bandwidth_MBps"]
     results["ratio_first_touch_to_memfd"] = round(ours["median_us"] / base["median_us"], 2)  # type: ignore[index]
     results["ratio_bandwidth_to_memfd"] = round(bw["fault"] / bw["memfd"], 3)  # type: ignore[index]
-    results["targets"] = {"ratio_bandwidth_to_memfd_min": 0.9,
-                          "server_time_per_fault_median_us_max": 5.0}
+    results["targets"] = {
+        "ratio_bandwidth_to_memfd_min": 0.9,
+        "server_time_per_fault_median_us_max": 5.0,
+    }
     print(f"{'first touch':<26}{'median us':>10}{'p99 us':>10}")
     for key in ("first_touch_memfd", "first_touch_fault", "server_time_per_fault"):
         row = results[key]
         print(f"{key:<26}{row['median_us']:>10.2f}{row['p99_us']:>10.2f}")  # type: ignore[index]
-    print(f"first touch / memfd: {results['ratio_first_touch_to_memfd']}x; read bandwidth "
-          f"{bw['fault']} vs {bw['memfd']} MB/s = {results['ratio_bandwidth_to_memfd']}x "  # type: ignore[index]
-          f"(target >= 0.9x); revoke per page: clean {revoke['clean']} us, dirty "
-          f"{revoke['dirty']} us")
+    print(
+        f"first touch / memfd: {results['ratio_first_touch_to_memfd']}x; read bandwidth "
+        f"{bw['fault']} vs {bw['memfd']} MB/s = {results['ratio_bandwidth_to_memfd']}x "  # type: ignore[index]
+        f"(target >= 0.9x); revoke per page: clean {revoke['clean']} us, dirty "
+        f"{revoke['dirty']} us"
+    )
     publish(results, args.json)
     return 0
 

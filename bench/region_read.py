@@ -13,7 +13,7 @@ Client and peers are pinned to one CPU (idle vCPUs on these VMs take 60-70 us to
 which would swamp what we measure), and the two round trips are interleaved in rounds
 (A B A B) so machine noise hits both alike.  Prints a table and writes JSON.
 
-    python bench/region_read.py [--rounds 20] [--per-round 2000] [--json PATH]
+    python -m bench.region_read [--rounds 20] [--per-round 2000] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,20 +26,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import percentile, publish
+from device.gpu.instance import GpuInstance
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol import messages as m
+from device.vfio_user.protocol.codec import Frame
+from device.vfio_user.protocol.constants import Command
+from device.vfio_user.session import Session
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import percentile, publish  # noqa: E402
-
-from device.client import VfioUserClient  # noqa: E402
-from device.gpu.instance import GpuInstance  # noqa: E402
-from device.protocol import messages as m  # noqa: E402
-from device.protocol.codec import Frame  # noqa: E402
-from device.protocol.constants import Command  # noqa: E402
-from device.session import Session  # noqa: E402
 
 REQUEST_SIZE = 32  # header + {u64 offset, u32 region, u32 count}
 REPLY_SIZE = 36  # the same + 4 data bytes
@@ -102,13 +100,12 @@ def measure_handle(iterations: int) -> list[int]:
     return samples
 
 
-def round_trips(fn: object, count: int) -> list[int]:
-    call = fn  # type: ignore[assignment]
+def round_trips(call: Callable[[], object], count: int) -> list[int]:
     clock = time.perf_counter_ns
     samples = []
     for _ in range(count):
         t0 = clock()
-        call()  # type: ignore[operator]
+        call()
         samples.append(clock() - t0)
     return samples
 
@@ -118,16 +115,29 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-round", type=int, default=2000)
     parser.add_argument("--cpu", type=int, default=0, help="CPU to pin everything to")
-    parser.add_argument("--json", type=Path,
-                        default=ROOT / "bench" / "results" / "region_read.json")
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "bench" / "results" / "region_read.json"
+    )
     args = parser.parse_args()
 
     os.sched_setaffinity(0, {args.cpu})
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
     server_sock, echo_sock = workdir / "gpu.sock", workdir / "echo.sock"
     python = sys.executable
-    server = start([*pin(args.cpu), python, "-m", "device", "serve", "--socket",
-                    str(server_sock), "--log-level", "warning"], "ready")
+    server = start(
+        [
+            *pin(args.cpu),
+            python,
+            "-m",
+            "device",
+            "serve",
+            "--socket",
+            str(server_sock),
+            "--log-level",
+            "warning",
+        ],
+        "ready",
+    )
     echo = start([*pin(args.cpu), python, "-c", ECHO_PEER, str(echo_sock)], "ready")
     try:
         client = VfioUserClient.connect(server_sock, timeout=None)
@@ -181,8 +191,10 @@ def main() -> int:
     for key in ("floor_python_echo", "vfio_user_round_trip", "server_handle"):
         row = results[key]
         print(f"{key:<28}{row['median_us']:>12.2f}{row['p99_us']:>12.2f}{row['msgs_per_s']:>12.0f}")
-    print(f"round trip / floor: {results['ratio_round_trip_to_floor']:.2f}x (target <= 1.5x); "
-          f"server handle median {results['server_handle']['median_us']:.2f} us (target <= 5 us)")
+    print(
+        f"round trip / floor: {results['ratio_round_trip_to_floor']:.2f}x (target <= 1.5x); "
+        f"server handle median {results['server_handle']['median_us']:.2f} us (target <= 5 us)"
+    )
     publish(results, args.json)
     return 0
 

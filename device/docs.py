@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .gpu import commands as cmds
-from .gpu import instance as gpu
-from .gpu import registers as regs
-from .gpu.types import DEFAULT_TYPES
+from device.gpu import commands as cmds
+from device.gpu import instance as gpu
+from device.gpu import registers as regs
+from device.gpu.types import DEFAULT_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "registers.md"
@@ -76,8 +76,10 @@ def render() -> str:
         "",
         "| type | device memory (= BAR2 size) | contexts | description |",
         "|---|---|---|---|",
-        *(f"| {t.name} | {t.memory >> 20} MiB | {t.contexts} | {t.description} |"
-          for t in DEFAULT_TYPES),
+        *(
+            f"| {t.name} | {t.memory >> 20} MiB | {t.contexts} | {t.description} |"
+            for t in DEFAULT_TYPES
+        ),
         "",
         "## Error codes (ERROR_CODE, RES_STATUS)",
         "",
@@ -89,8 +91,10 @@ def render() -> str:
         "",
         "| INT_STATUS bit | cause | MSI-X vector |",
         "|---|---|---|",
-        *(f"| {bit.value.bit_length() - 1} | {bit.name} | {vector} |"
-          for bit, vector in regs.INT_VECTORS.items()),
+        *(
+            f"| {bit.value.bit_length() - 1} | {bit.name} | {vector} |"
+            for bit, vector in regs.INT_VECTORS.items()
+        ),
         "",
         "## Resource commands (RES_COMMAND)",
         "",
@@ -109,8 +113,11 @@ def render() -> str:
         "",
         "| opcode | command | args[0..] | what it does |",
         "|---|---|---|---|",
-        *(f"| `{c.opcode.value:#04x}` | {c.opcode.name} | "
-          f"{', '.join(f'`{a}`' for a in c.args) or '-'} | {c.doc} |" for c in cmds.COMMANDS),
+        *(
+            f"| `{c.opcode.value:#04x}` | {c.opcode.name} | "
+            f"{', '.join(f'`{a}`' for a in c.args) or '-'} | {c.doc} |"
+            for c in cmds.COMMANDS
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -155,8 +162,9 @@ GENERATED = ((DOC_PATH, render), (HEADER_PATH, render_header))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if docs/registers.md is not current")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/registers.md is not current"
+    )
     args = parser.parse_args(argv)
     stale = 0
     for path, make in GENERATED:

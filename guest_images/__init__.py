@@ -14,10 +14,9 @@ import re
 
 import numpy as np
 
-from .build import BuildError, Runtime, cache_dir, ensure_runtime
+from guest_images.build import BuildError, Runtime, cache_dir, ensure_runtime
 
-__all__ = ["BuildError", "Runtime", "cache_dir", "ensure_runtime", "parse_results",
-           "pattern_bytes"]
+__all__ = ["BuildError", "Runtime", "cache_dir", "ensure_runtime", "parse_results", "pattern_bytes"]
 
 _RESULT = re.compile(r"^MGPU-RESULT (\w+)=(.*?)\s*$", re.MULTILINE)
 
@@ -30,5 +29,5 @@ def parse_results(text: str) -> dict[str, str]:
 def pattern_bytes(length: int, seed: int) -> bytes:
     """What ``mgpu-probe fill`` writes: u32 word i = seed ^ (i * 2654435761) mod 2**32."""
     index = np.arange(length // 4, dtype=np.uint64)
-    words = (np.uint64(seed) ^ ((index * np.uint64(2654435761)) & np.uint64(0xFFFFFFFF)))
+    words = np.uint64(seed) ^ ((index * np.uint64(2654435761)) & np.uint64(0xFFFFFFFF))
     return words.astype("<u4").tobytes()

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from device.errors import SetupError
+
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "programs"
 DRIVER = HERE / "driver"
@@ -43,8 +45,15 @@ INIT_SCRIPT = HERE / "init.sh"
 SUITE = "trixie"
 # linux-headers and make let us build the guest driver (driver/mgpu.c) inside the root
 # with the compiler the guest kernel was built with.
-ROOT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "linux-headers-amd64", "make",
-                 "binutils", "busybox-static", "kmod")
+ROOT_PACKAGES = (
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "linux-headers-amd64",
+    "make",
+    "binutils",
+    "busybox-static",
+    "kmod",
+)
 ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
 INITRAMFS_RECIPE = "1"
 # Shipped for vfio-pci in the guest.  Debian's kernel lacks CONFIG_VFIO_NOIOMMU, so
@@ -54,13 +63,18 @@ MIN_QEMU = (10, 1)
 # (command or absolute file that must exist, Debian package providing it).  libc.a is
 # checked on its own: gcc does not pull in libc6-dev without recommends, and `gcc -static`
 # then fails with a linker error that does not name the package.
-HOST_TOOLS = (("mmdebstrap", "mmdebstrap"), ("gcc", "gcc"), ("dpkg", "dpkg"),
-              ("unshare", "util-linux"), ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"))
+HOST_TOOLS = (
+    ("mmdebstrap", "mmdebstrap"),
+    ("gcc", "gcc"),
+    ("dpkg", "dpkg"),
+    ("unshare", "util-linux"),
+    ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
+)
 
 Progress = Callable[[str], None]
 
 
-class BuildError(Exception):
+class BuildError(SetupError):
     """A build step failed; the message says which and what to do."""
 
 
@@ -107,8 +121,9 @@ def _locked(path: Path, progress: Progress) -> Iterator[None]:
 def _run(argv: list[str], what: str, progress: Progress, **kwargs: object) -> None:
     """Run a build command, streaming its output as progress; BuildError on failure."""
     progress(f"$ {' '.join(argv)}")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)  # type: ignore[call-overload]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )  # type: ignore[call-overload]
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -116,25 +131,34 @@ def _run(argv: list[str], what: str, progress: Progress, **kwargs: object) -> No
         tail = [*tail[-30:], line]
         progress(f"  {line}")
     if proc.wait() != 0:
-        raise BuildError(f"{what} failed (exit {proc.returncode}); last output:\n"
-                         + "\n".join(tail))
+        raise BuildError(
+            f"{what} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail)
+        )
 
 
 # ---------------------------------------------------------------------- host
 
 
 def _ensure_host_tools(progress: Progress) -> None:
-    missing = [pkg for tool, pkg in HOST_TOOLS
-               if not (Path(tool).exists() if tool.startswith("/") else shutil.which(tool))]
+    missing = [
+        pkg
+        for tool, pkg in HOST_TOOLS
+        if not (Path(tool).exists() if tool.startswith("/") else shutil.which(tool))
+    ]
     if not missing:
         return
     if os.geteuid() != 0:
-        raise BuildError("missing host tools; install them with: "
-                         f"apt-get install {' '.join(missing)}")
+        raise BuildError(
+            f"missing host tools; install them with: apt-get install {' '.join(missing)}"
+        )
     progress(f"installing host packages: {' '.join(missing)}")
     _run(["apt-get", "update"], "apt-get update", progress)
-    _run(["apt-get", "install", "-y", "--no-install-recommends", *missing],
-         "apt-get install", progress, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    _run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+        "apt-get install",
+        progress,
+        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+    )
 
 
 def host_mirror() -> str:
@@ -199,21 +223,30 @@ def build_root(progress: Progress) -> Path:
     mirror = host_mirror()
     tmp = Path(tempfile.mkdtemp(prefix="root-building-", dir=cache))
     started = time.monotonic()
-    progress(f"building a Debian {SUITE} root with QEMU from {SUITE}-backports "
-             f"(~500 MB download, about a minute) into {root}")
+    progress(
+        f"building a Debian {SUITE} root with QEMU from {SUITE}-backports "
+        f"(~500 MB download, about a minute) into {root}"
+    )
     try:
         tmp.rmdir()  # mmdebstrap wants to create it
-        _run([
-            "mmdebstrap", "--mode=root", "--variant=apt",
-            f'--aptopt=APT::Default-Release "{SUITE}-backports"',
-            "--include=" + ",".join(ROOT_PACKAGES),
-            "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/locale/*",
-            SUITE, str(tmp),
-            f"deb {mirror} {SUITE} main",
-            f"deb {mirror} {SUITE}-backports main",
-        ], "mmdebstrap of the guest runtime root", progress)
+        _run(
+            [
+                "mmdebstrap",
+                "--mode=root",
+                "--variant=apt",
+                f'--aptopt=APT::Default-Release "{SUITE}-backports"',
+                "--include=" + ",".join(ROOT_PACKAGES),
+                "--dpkgopt=path-exclude=/usr/share/doc/*",
+                "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--dpkgopt=path-exclude=/usr/share/locale/*",
+                SUITE,
+                str(tmp),
+                f"deb {mirror} {SUITE} main",
+                f"deb {mirror} {SUITE}-backports main",
+            ],
+            "mmdebstrap of the guest runtime root",
+            progress,
+        )
         (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         if root.exists():
             shutil.rmtree(root)
@@ -227,9 +260,16 @@ def build_root(progress: Progress) -> Path:
 
 def root_qemu_argv(root: Path) -> list[str]:
     libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
-    return [f"{root}/lib64/ld-linux-x86-64.so.2", "--library-path", libs,
-            f"{root}/usr/bin/qemu-system-x86_64",
-            "-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"]
+    return [
+        f"{root}/lib64/ld-linux-x86-64.so.2",
+        "--library-path",
+        libs,
+        f"{root}/usr/bin/qemu-system-x86_64",
+        "-L",
+        f"{root}/usr/share/qemu",
+        "-L",
+        f"{root}/usr/share/seabios",
+    ]
 
 
 def find_qemu(root: Path, progress: Progress) -> tuple[list[str], str]:
@@ -261,8 +301,21 @@ def _compile_programs(out_dir: Path, progress: Progress) -> list[Path]:
     binaries = []
     for source in sorted(PROGRAMS.glob("*.c")):
         binary = out_dir / source.stem
-        _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary),
-              str(source)], f"compiling {source.name}", progress)
+        _run(
+            [
+                "gcc",
+                "-static",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-o",
+                str(binary),
+                str(source),
+            ],
+            f"compiling {source.name}",
+            progress,
+        )
         binaries.append(binary)
     return binaries
 
@@ -309,10 +362,15 @@ def _build_driver(root: Path, kversion: str, progress: Progress) -> bytes:
         (build / "Kbuild").write_text("obj-m := mgpu.o\n")
         inside = f"/tmp/{build.name}"
         # objtool reads /proc: mount one in a private mount namespace, gone on exit.
-        script = (f"mount -t proc proc {root}/proc && "
-                  f"chroot {root} make -s -C /usr/src/linux-headers-{kversion} M={inside} modules")
-        _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-             "building the guest driver mgpu.ko", progress)
+        script = (
+            f"mount -t proc proc {root}/proc && "
+            f"chroot {root} make -s -C /usr/src/linux-headers-{kversion} M={inside} modules"
+        )
+        _run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            "building the guest driver mgpu.ko",
+            progress,
+        )
         return (build / "mgpu.ko").read_bytes()
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -344,15 +402,20 @@ def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
         elif path.endswith(".zst"):
             raise BuildError("zstd-compressed modules are not supported yet")
         files[plain] = data
-        dep_lines.append(plain + ": " + " ".join(
-            d[:-3] if d.endswith(".xz") else d for d in deps[path]))
+        dep_lines.append(
+            plain + ": " + " ".join(d[:-3] if d.endswith(".xz") else d for d in deps[path])
+        )
     files["modules.dep"] = ("\n".join(dep_lines) + "\n").encode()
     return files
 
 
 def _initramfs_key(root_key: str) -> str:
-    parts: list[bytes | str] = [INITRAMFS_RECIPE, root_key, INIT_SCRIPT.read_bytes(),
-                                *GUEST_MODULES]
+    parts: list[bytes | str] = [
+        INITRAMFS_RECIPE,
+        root_key,
+        INIT_SCRIPT.read_bytes(),
+        *GUEST_MODULES,
+    ]
     for source in sorted([*PROGRAMS.glob("*.[ch]"), *DRIVER.glob("*.[ch]")]):
         parts += [source.name, source.read_bytes()]
     return _digest(*parts)
@@ -367,15 +430,31 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
     progress("building the initramfs (busybox, /init, guest programs, guest driver, modules)")
     _, kversion = _kernel(root)
     archive = _Cpio()
-    for directory in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "lib", "lib/modules",
-                      f"lib/modules/{kversion}", "usr", "usr/bin", "usr/sbin", "run", "mnt"):
+    for directory in (
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "etc",
+        "lib",
+        "lib/modules",
+        f"lib/modules/{kversion}",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "run",
+        "mnt",
+    ):
         archive.directory(directory)
     busybox = root / "bin" / "busybox"
     if not busybox.exists():
         busybox = root / "usr" / "bin" / "busybox"
     archive.file("bin/busybox", busybox.read_bytes())
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         if applet != "bin/busybox" and applet.count("/") <= 2:
             archive.symlink(applet, "/bin/busybox")

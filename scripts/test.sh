@@ -13,10 +13,11 @@ py=.venv/bin/python
 echo "==> building the guest runtime (cached; first build downloads ~500 MB)"
 "$py" -m guest_images build
 
-echo "==> ruff"
+echo "==> ruff (lint and format)"
 "$py" -m ruff check device guest_images tests bench
+"$py" -m ruff format --check device guest_images tests bench
 echo "==> mypy"
-"$py" -m mypy
+"$py" -m mypy  # strict, over device, guest_images, tests and bench (pyproject.toml)
 echo "==> docs/registers.md is current"
 "$py" -m device.docs --check
 

@@ -81,8 +81,9 @@ def reply(unique: int, payload: bytes = b"", error: int = 0) -> bytes:
 
 def attr(ino: int, size: int, mode: int) -> bytes:
     nlink = 2 if mode & S_IFDIR else 1
-    return ATTR.pack(ino, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0, mode, nlink, 0, 0, 0,
-                     4096, 0)
+    return ATTR.pack(
+        ino, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0
+    )
 
 
 def attr_out(ino: int, size: int, mode: int) -> bytes:
@@ -96,8 +97,9 @@ def entry_out(ino: int, size: int, mode: int) -> bytes:
 def init_out(max_write: int, max_pages: int) -> bytes:
     flags = ASYNC_READ | BIG_WRITES | MAX_PAGES
     # max_readahead 0: a first touch asks for the touched page only (MADV_HUGEPAGE aside).
-    return INIT_OUT.pack(KERNEL_MAJOR, OUR_MINOR, 0, flags, 16, 12, max_write, 1,
-                         max_pages, 0, 0, 0, 0)
+    return INIT_OUT.pack(
+        KERNEL_MAJOR, OUR_MINOR, 0, flags, 16, 12, max_write, 1, max_pages, 0, 0, 0, 0
+    )
 
 
 def inval_inode(ino: int, offset: int, length: int) -> bytes:

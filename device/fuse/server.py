@@ -29,7 +29,8 @@ import tempfile
 import threading
 from typing import Protocol
 
-from . import protocol as p
+from device.errors import SetupError
+from device.fuse import protocol as p
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-class FuseUnavailable(Exception):
+class FuseUnavailable(SetupError):
     """A FUSE mount cannot be made here; the message says why and what to do."""
 
 
@@ -52,10 +53,10 @@ def _mount_as_root(mountpoint: str) -> int:
         fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise FuseUnavailable(f"cannot open /dev/fuse: {exc.strerror}") from None
-    options = (f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
-               f"max_read={MAX_WRITE}").encode()
-    if _libc.mount(b"mgpu", mountpoint.encode(), b"fuse.mgpu", MS_NOSUID | MS_NODEV,
-                   options) != 0:
+    options = (
+        f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={MAX_WRITE}"
+    ).encode()
+    if _libc.mount(b"mgpu", mountpoint.encode(), b"fuse.mgpu", MS_NOSUID | MS_NODEV, options) != 0:
         error = ctypes.get_errno()
         os.close(fuse_fd)
         raise FuseUnavailable(f"mount of the FUSE aperture failed: {os.strerror(error)}")
@@ -67,15 +68,21 @@ def _mount_with_fusermount(mountpoint: str) -> int:
     over a socket (libfuse's _FUSE_COMMFD protocol)."""
     fusermount = shutil.which("fusermount3")
     if fusermount is None:
-        raise FuseUnavailable("fault mode without root needs fusermount3: apt-get install "
-                              "fuse3, or run as root, or use the trap or static mode")
+        raise FuseUnavailable(
+            "fault mode without root needs fusermount3: apt-get install "
+            "fuse3, or run as root, or use the trap or static mode"
+        )
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
         result = subprocess.run(
-            [fusermount, "-o", f"fsname=mgpu,subtype=mgpu,max_read={MAX_WRITE}", "--",
-             mountpoint], env=env, pass_fds=(theirs.fileno(),), capture_output=True,
-            text=True, timeout=30)
+            [fusermount, "-o", f"fsname=mgpu,subtype=mgpu,max_read={MAX_WRITE}", "--", mountpoint],
+            env=env,
+            pass_fds=(theirs.fileno(),),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if result.returncode != 0:
             raise FuseUnavailable(f"fusermount3 could not mount: {result.stderr.strip()}")
         _, ancillary, _, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
@@ -94,8 +101,9 @@ def _detach(mountpoint: str, privileged: bool) -> None:
     else:
         fusermount = shutil.which("fusermount3")
         if fusermount:
-            subprocess.run([fusermount, "-u", "-z", "--", mountpoint], capture_output=True,
-                           timeout=30)
+            subprocess.run(
+                [fusermount, "-u", "-z", "--", mountpoint], capture_output=True, timeout=30
+            )
 
 
 class ApertureBackend(Protocol):
@@ -129,12 +137,14 @@ class FuseAperture:
         try:
             self.fuse_fd = (_mount_as_root if privileged else _mount_with_fusermount)(mountpoint)
             for n in range(self.thread_count):
-                thread = threading.Thread(target=self._serve, name=f"{self.name}-fuse{n}",
-                                          daemon=True)
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}-fuse{n}", daemon=True
+                )
                 thread.start()
                 self._threads.append(thread)
-            self.file_fd = os.open(os.path.join(mountpoint, FILE_NAME.decode()),
-                                   os.O_RDWR | os.O_CLOEXEC)
+            self.file_fd = os.open(
+                os.path.join(mountpoint, FILE_NAME.decode()), os.O_RDWR | os.O_CLOEXEC
+            )
             self.connection = os.minor(os.fstat(self.file_fd).st_dev)
         except BaseException:
             self.close()
@@ -260,8 +270,14 @@ class FuseAperture:
         if opcode in (p.Opcode.OPEN, p.Opcode.OPENDIR):
             # KEEP_CACHE: an open must not drop pages other processes have mapped.
             return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0))
-        if opcode in (p.Opcode.RELEASE, p.Opcode.RELEASEDIR, p.Opcode.FLUSH, p.Opcode.FSYNC,
-                      p.Opcode.DESTROY, p.Opcode.READDIR):
+        if opcode in (
+            p.Opcode.RELEASE,
+            p.Opcode.RELEASEDIR,
+            p.Opcode.FLUSH,
+            p.Opcode.FSYNC,
+            p.Opcode.DESTROY,
+            p.Opcode.READDIR,
+        ):
             return p.reply(unique)
         if opcode == p.Opcode.STATFS:
             return p.reply(unique, p.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0))

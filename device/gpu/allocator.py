@@ -10,11 +10,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from device.errors import OutOfMemory
+
 PAGE_SIZE = 4096
-
-
-class OutOfMemory(Exception):
-    """No free run is large enough (the message tells how much is free)."""
 
 
 @dataclass(frozen=True)

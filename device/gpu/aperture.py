@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ..fuse.server import FuseAperture
-from ..protocol.errors import VfioUserError
-from .allocator import PAGE_SIZE, Extent
-from .physical import PhysicalGpu
+from device.errors import VfioUserError
+from device.fuse.server import FuseAperture
+from device.gpu.allocator import PAGE_SIZE, Extent
+from device.gpu.physical import PhysicalGpu
 
 
 class MappingMode(enum.Enum):
@@ -98,9 +98,16 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class Aperture:
-    def __init__(self, name: str, physical: PhysicalGpu, partition: Extent, size: int,
-                 mode: MappingMode, policy: DeniedPolicy,
-                 report: Callable[[int, bool], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        physical: PhysicalGpu,
+        partition: Extent,
+        size: int,
+        mode: MappingMode,
+        policy: DeniedPolicy,
+        report: Callable[[int, bool], None],
+    ) -> None:
         self.name = name
         self.physical = physical
         self.partition = partition

@@ -39,32 +39,59 @@ class CommandSpec:
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(Opcode.NOP, (), "Does nothing."),
-    CommandSpec(Opcode.WRITE_RESOURCE, ("guest_addr", "handle", "offset", "length"),
-                "Copy `length` bytes of guest memory at `guest_addr` into the resource at "
-                "`offset`."),
-    CommandSpec(Opcode.READ_RESOURCE, ("handle", "offset", "guest_addr", "length"),
-                "Copy `length` bytes of the resource at `offset` to guest memory."),
-    CommandSpec(Opcode.COPY_RESOURCE,
-                ("src_handle", "src_offset", "dst_handle", "dst_offset", "length"),
-                "Copy between two resources (or within one; overlap is handled)."),
-    CommandSpec(Opcode.FILL, ("handle", "offset", "length", "value"),
-                "Fill with the 32-bit `value`; `offset` and `length` are multiples of 4."),
-    CommandSpec(Opcode.BLIT,
-                ("src_handle", "src_offset", "src_pitch", "dst_handle", "dst_offset",
-                 "dst_pitch", "extent"),
-                "2D copy of `extent` (width in bytes in bits 31:0, height in rows in bits "
-                "63:32) between surfaces with the given pitches (bytes per row)."),
-    CommandSpec(Opcode.SAXPY, ("x_handle", "x_offset", "y_handle", "y_offset", "count",
-                               "alpha"),
-                "float32: y[i] = alpha * x[i] + y[i] for `count` elements; `alpha` is the "
-                "IEEE-754 bits of a float32 in bits 31:0; offsets are multiples of 4."),
-    CommandSpec(Opcode.MATMUL, ("a_handle", "b_handle", "c_handle", "m", "n", "k"),
-                "float32, row major, from offset 0 of each resource: C (m x n) = A (m x k) "
-                f"@ B (k x n); each dimension 1..{MAX_MATRIX_DIM}."),
-    CommandSpec(Opcode.FENCE, ("guest_addr", "value"),
-                "After all earlier commands: write the 64-bit `value` to `guest_addr` (unless "
-                "it is 0), set the context's FENCE register, set INT_STATUS.FENCE and raise "
-                "MSI-X vector 0 unless masked."),
+    CommandSpec(
+        Opcode.WRITE_RESOURCE,
+        ("guest_addr", "handle", "offset", "length"),
+        "Copy `length` bytes of guest memory at `guest_addr` into the resource at `offset`.",
+    ),
+    CommandSpec(
+        Opcode.READ_RESOURCE,
+        ("handle", "offset", "guest_addr", "length"),
+        "Copy `length` bytes of the resource at `offset` to guest memory.",
+    ),
+    CommandSpec(
+        Opcode.COPY_RESOURCE,
+        ("src_handle", "src_offset", "dst_handle", "dst_offset", "length"),
+        "Copy between two resources (or within one; overlap is handled).",
+    ),
+    CommandSpec(
+        Opcode.FILL,
+        ("handle", "offset", "length", "value"),
+        "Fill with the 32-bit `value`; `offset` and `length` are multiples of 4.",
+    ),
+    CommandSpec(
+        Opcode.BLIT,
+        (
+            "src_handle",
+            "src_offset",
+            "src_pitch",
+            "dst_handle",
+            "dst_offset",
+            "dst_pitch",
+            "extent",
+        ),
+        "2D copy of `extent` (width in bytes in bits 31:0, height in rows in bits "
+        "63:32) between surfaces with the given pitches (bytes per row).",
+    ),
+    CommandSpec(
+        Opcode.SAXPY,
+        ("x_handle", "x_offset", "y_handle", "y_offset", "count", "alpha"),
+        "float32: y[i] = alpha * x[i] + y[i] for `count` elements; `alpha` is the "
+        "IEEE-754 bits of a float32 in bits 31:0; offsets are multiples of 4.",
+    ),
+    CommandSpec(
+        Opcode.MATMUL,
+        ("a_handle", "b_handle", "c_handle", "m", "n", "k"),
+        "float32, row major, from offset 0 of each resource: C (m x n) = A (m x k) "
+        f"@ B (k x n); each dimension 1..{MAX_MATRIX_DIM}.",
+    ),
+    CommandSpec(
+        Opcode.FENCE,
+        ("guest_addr", "value"),
+        "After all earlier commands: write the 64-bit `value` to `guest_addr` (unless "
+        "it is 0), set the context's FENCE register, set INT_STATUS.FENCE and raise "
+        "MSI-X vector 0 unless masked.",
+    ),
 )
 
 SPECS: dict[int, CommandSpec] = {spec.opcode: spec for spec in COMMANDS}

@@ -25,11 +25,10 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
-from ..dma import DmaTable
-from ..protocol.errors import VfioUserError
-from .commands import COMMAND_SIZE, MAX_MATRIX_DIM, MAX_TRANSFER, Command, Opcode
-from .registers import ErrorCode
-from .resources import DeviceError
+from device.errors import DeviceError, VfioUserError
+from device.gpu.commands import COMMAND_SIZE, MAX_MATRIX_DIM, MAX_TRANSFER, Command, Opcode
+from device.gpu.registers import ErrorCode
+from device.vfio_user.dma import DmaTable
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +98,19 @@ class Engine:
             self.commands_executed += 1
             self.host.command_done(context, generation)
         except DeviceError as exc:
-            log.info("%s: context %d command at ring offset %#x failed: %s (%s)",
-                     self.name, context, ring_offset, exc, exc.code.name)
-            self.host.command_failed(context, generation, exc.code)
+            log.info(
+                "%s: context %d command at ring offset %#x failed: %s (%s)",
+                self.name,
+                context,
+                ring_offset,
+                exc,
+                ErrorCode(exc.code).name,
+            )
+            self.host.command_failed(context, generation, ErrorCode(exc.code))
         except Exception:
-            log.exception("%s: engine bug on context %d at ring offset %#x",
-                          self.name, context, ring_offset)
+            log.exception(
+                "%s: engine bug on context %d at ring offset %#x", self.name, context, ring_offset
+            )
             self.host.command_failed(context, generation, ErrorCode.ENGINE_FAULT)
 
     # ------------------------------------------------------------------ guest memory
@@ -131,8 +137,9 @@ class Engine:
     @staticmethod
     def _check_length(length: int) -> None:
         if not 0 < length <= MAX_TRANSFER:
-            raise DeviceError(ErrorCode.INVALID_ARGUMENT,
-                              f"length {length} outside 1..{MAX_TRANSFER}")
+            raise DeviceError(
+                ErrorCode.INVALID_ARGUMENT, f"length {length} outside 1..{MAX_TRANSFER}"
+            )
 
     # ------------------------------------------------------------------ commands
 
@@ -189,11 +196,13 @@ class Engine:
             return value
         raise DeviceError(ErrorCode.INVALID_COMMAND, f"unknown opcode {op:#x}")
 
-    def _surface(self, handle: int, offset: int, pitch: int, width: int,
-                 height: int) -> npt.NDArray[np.uint8]:
+    def _surface(
+        self, handle: int, offset: int, pitch: int, width: int, height: int
+    ) -> npt.NDArray[np.uint8]:
         if width <= 0 or height <= 0 or pitch < width or pitch * height > MAX_TRANSFER:
-            raise DeviceError(ErrorCode.INVALID_ARGUMENT,
-                              f"bad surface: pitch {pitch}, {width} x {height}")
+            raise DeviceError(
+                ErrorCode.INVALID_ARGUMENT, f"bad surface: pitch {pitch}, {width} x {height}"
+            )
         span = pitch * (height - 1) + width
         flat = self._resource(handle, offset, span)
         return as_strided(flat, shape=(height, width), strides=(pitch, 1), writeable=True)

@@ -34,10 +34,19 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from ..dma import DmaTable
-from ..irq import IrqLines
-from ..pci.config import Bar, BarKind, CapabilityId, ConfigSpace
-from ..protocol.constants import (
+from device.errors import DeviceError, VfioUserError
+from device.gpu import registers as regs
+from device.gpu.aperture import Aperture, DeniedPolicy, MappingMode
+from device.gpu.commands import COMMAND_SIZE
+from device.gpu.engine import Engine
+from device.gpu.physical import PhysicalGpu
+from device.gpu.registers import ErrorCode, IntBit, RingStatus
+from device.gpu.resources import ResourceTable
+from device.gpu.types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
+from device.pci.config import Bar, BarKind, CapabilityId, ConfigSpace
+from device.vfio_user.dma import DmaTable
+from device.vfio_user.irq import IrqLines
+from device.vfio_user.protocol.constants import (
     PCI_NUM_REGIONS,
     DeviceFlags,
     IrqInfoFlags,
@@ -45,16 +54,7 @@ from ..protocol.constants import (
     PciRegion,
     RegionFlags,
 )
-from ..protocol.errors import VfioUserError
-from ..protocol.messages import DeviceInfo, IrqInfo, RegionInfo, SparseArea
-from . import registers as regs
-from .aperture import Aperture, DeniedPolicy, MappingMode
-from .commands import COMMAND_SIZE
-from .engine import Engine
-from .physical import PhysicalGpu
-from .registers import ErrorCode, IntBit, RingStatus
-from .resources import DeviceError, ResourceTable
-from .types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
+from device.vfio_user.protocol.messages import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,17 @@ class GpuInstance:
     ``window`` is how the guest reaches it (mapping mode, page permissions, fault log).
     """
 
-    def __init__(self, name: str = "gpu0", aperture_size: int = DEFAULT_APERTURE_SIZE, *,
-                 physical: PhysicalGpu | None = None,
-                 instance_type: str | None = None, interrupts: str = "msix",
-                 mapping: str = "static", denied: str = "sigbus") -> None:
+    def __init__(
+        self,
+        name: str = "gpu0",
+        aperture_size: int = DEFAULT_APERTURE_SIZE,
+        *,
+        physical: PhysicalGpu | None = None,
+        instance_type: str | None = None,
+        interrupts: str = "msix",
+        mapping: str = "static",
+        denied: str = "sigbus",
+    ) -> None:
         if interrupts not in INTERRUPT_MODES:
             raise ValueError(f"interrupts must be one of {INTERRUPT_MODES}, not {interrupts!r}")
         self.name = name
@@ -109,10 +116,15 @@ class GpuInstance:
         self.irq_index = PciIrq.MSIX if interrupts == "msix" else PciIrq.MSI
         self._owns_physical = physical is None
         if physical is None:
-            private = InstanceType("private", aperture_size, MAX_CONTEXTS_PER_INSTANCE,
-                                   "a private GPU the size of its aperture")
-            physical = PhysicalGpu(aperture_size, MAX_CONTEXTS_PER_INSTANCE, (private,),
-                                   name=f"{name}-private")
+            private = InstanceType(
+                "private",
+                aperture_size,
+                MAX_CONTEXTS_PER_INSTANCE,
+                "a private GPU the size of its aperture",
+            )
+            physical = PhysicalGpu(
+                aperture_size, MAX_CONTEXTS_PER_INSTANCE, (private,), name=f"{name}-private"
+            )
             instance_type = "private"
         if instance_type is None:
             raise ValueError("an instance on a shared physical GPU needs an instance type")
@@ -125,8 +137,15 @@ class GpuInstance:
         self.resources = ResourceTable(self.partition)
         self._after_unlock: list[Callable[[], None]] = []
         try:
-            self.window = Aperture(name, physical, self.partition, self.aperture_size,
-                                   MappingMode(mapping), DeniedPolicy(denied), self._report_fault)
+            self.window = Aperture(
+                name,
+                physical,
+                self.partition,
+                self.aperture_size,
+                MappingMode(mapping),
+                DeniedPolicy(denied),
+                self._report_fault,
+            )
         except BaseException:
             self.aperture.release()
             physical.release(name)
@@ -147,8 +166,7 @@ class GpuInstance:
         self._reset_registers()
         self.engine = Engine(self, self.contexts, name)
         self._jobs: queue.Queue[tuple[int, int, int, int, int] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._bring_up_dma, name=f"{name}-dma",
-                                        daemon=True)
+        self._worker = threading.Thread(target=self._bring_up_dma, name=f"{name}-dma", daemon=True)
         self._worker.start()
         self._closed = False
 
@@ -157,8 +175,12 @@ class GpuInstance:
     def _build_config_space(self) -> ConfigSpace:
         cfg = ConfigSpace()
         cfg.init_header(
-            vendor=VENDOR_ID, device=DEVICE_ID, class_code=CLASS_CODE, revision=REVISION,
-            subsystem_vendor=SUBSYSTEM_VENDOR_ID, subsystem=SUBSYSTEM_ID,
+            vendor=VENDOR_ID,
+            device=DEVICE_ID,
+            class_code=CLASS_CODE,
+            revision=REVISION,
+            subsystem_vendor=SUBSYSTEM_VENDOR_ID,
+            subsystem=SUBSYSTEM_ID,
         )
         cfg.add_bar(Bar(0, regs.BAR0_SIZE))
         cfg.add_bar(Bar(2, self.aperture_size, BarKind.MEM64, prefetchable=True))
@@ -174,8 +196,12 @@ class GpuInstance:
             # MSI-X: table and PBA in BAR4; enable and function-mask bits writable.
             cfg.add_capability(
                 CapabilityId.MSIX,
-                struct.pack("<HII", MSIX_VECTORS - 1, MSIX_TABLE_OFFSET | MSIX_BAR,
-                            MSIX_PBA_OFFSET | MSIX_BAR),
+                struct.pack(
+                    "<HII",
+                    MSIX_VECTORS - 1,
+                    MSIX_TABLE_OFFSET | MSIX_BAR,
+                    MSIX_PBA_OFFSET | MSIX_BAR,
+                ),
                 wmask=struct.pack("<H", 0xC000),
             )
         else:
@@ -235,8 +261,10 @@ class GpuInstance:
             flags = rw | RegionFlags.MMAP | RegionFlags.CAPS
             area = SparseArea(0, self.partition.size)
             if mode is MappingMode.FAULT:  # QEMU maps our FUSE file: faults come to us
-                return (RegionInfo(index, flags, self.aperture_size, 0, (area,)),
-                        self.window.file_fd)
+                return (
+                    RegionInfo(index, flags, self.aperture_size, 0, (area,)),
+                    self.window.file_fd,
+                )
             # static: QEMU maps the physical GPU's memfd at this partition's offset.
             info = RegionInfo(index, flags, self.aperture_size, self.partition.offset, (area,))
             return info, self.physical.memory_fd
@@ -252,10 +280,16 @@ class GpuInstance:
         eventfd = IrqInfoFlags.EVENTFD
         return [
             IrqInfo(PciIrq.INTX, eventfd | IrqInfoFlags.MASKABLE, 0),
-            IrqInfo(PciIrq.MSI, eventfd | IrqInfoFlags.NORESIZE,
-                    MSI_VECTORS if self.interrupts == "msi" else 0),
-            IrqInfo(PciIrq.MSIX, eventfd | IrqInfoFlags.NORESIZE,
-                    MSIX_VECTORS if self.interrupts == "msix" else 0),
+            IrqInfo(
+                PciIrq.MSI,
+                eventfd | IrqInfoFlags.NORESIZE,
+                MSI_VECTORS if self.interrupts == "msi" else 0,
+            ),
+            IrqInfo(
+                PciIrq.MSIX,
+                eventfd | IrqInfoFlags.NORESIZE,
+                MSIX_VECTORS if self.interrupts == "msix" else 0,
+            ),
             IrqInfo(PciIrq.ERR, eventfd, 1),
             IrqInfo(PciIrq.REQ, eventfd, 1),
         ]
@@ -334,8 +368,9 @@ class GpuInstance:
             return self.register_values.get(offset, 0).to_bytes(4, "little")
         first, last = offset & ~3, (offset + count + 3) & ~3
         with self._lock:
-            words = b"".join(self._register_value(o).to_bytes(4, "little")
-                             for o in range(first, last, 4))
+            words = b"".join(
+                self._register_value(o).to_bytes(4, "little") for o in range(first, last, 4)
+            )
         start = offset - first
         return words[start : start + count]
 
@@ -421,8 +456,9 @@ class GpuInstance:
         if irqs is not None and not self._get("INT_MASK") & cause:
             irqs.raise_irq(self.irq_index, regs.INT_VECTORS[cause])
 
-    def _report_error(self, code: ErrorCode, context: int = NO_CONTEXT,
-                      ring_offset: int = 0) -> None:
+    def _report_error(
+        self, code: ErrorCode, context: int = NO_CONTEXT, ring_offset: int = 0
+    ) -> None:
         self._set("ERROR_CODE", code)
         self._set("ERROR_CONTEXT", context)
         self._set("ERROR_RING_OFFSET", ring_offset)
@@ -465,7 +501,7 @@ class GpuInstance:
         except DeviceError as exc:
             log.info("%s: resource command %d failed: %s", self.name, command, exc)
             self._set("RES_STATUS", exc.code)
-            self._report_error(exc.code)
+            self._report_error(ErrorCode(exc.code))
             return
         self._set("RES_STATUS", ErrorCode.NONE)
 
@@ -483,8 +519,10 @@ class GpuInstance:
         self._generations[context] += 1
         self._set_ctx(context, "RING_HEAD", 0)
         self._set_ctx(context, "RING_TAIL", 0)
-        if base % COMMAND_SIZE or size & (size - 1) or not (
-            regs.RING_MIN_SIZE <= size <= regs.RING_MAX_SIZE
+        if (
+            base % COMMAND_SIZE
+            or size & (size - 1)
+            or not (regs.RING_MIN_SIZE <= size <= regs.RING_MAX_SIZE)
         ):
             self._set_ctx(context, "RING_STATUS", RingStatus.ERROR)
             self._report_error(ErrorCode.INVALID_ARGUMENT, context)
@@ -517,8 +555,9 @@ class GpuInstance:
                 if generation != self._generations[context]:
                     return
                 size = self._ctx(context, "RING_SIZE")
-                self._set_ctx(context, "RING_HEAD",
-                              (self._ctx(context, "RING_HEAD") + COMMAND_SIZE) % size)
+                self._set_ctx(
+                    context, "RING_HEAD", (self._ctx(context, "RING_HEAD") + COMMAND_SIZE) % size
+                )
         finally:
             self._command_lock.release()
 
@@ -574,7 +613,8 @@ class GpuInstance:
 
     def _start_bring_up_dma(self, value: int) -> None:
         if self._get("DMA_STATUS") == regs.DmaStatus.BUSY or value not in (
-            regs.DmaCommand.TO_APERTURE, regs.DmaCommand.FROM_APERTURE
+            regs.DmaCommand.TO_APERTURE,
+            regs.DmaCommand.FROM_APERTURE,
         ):
             return
         guest = self._get("DMA_GUEST_ADDR_LO") | self._get("DMA_GUEST_ADDR_HI") << 32

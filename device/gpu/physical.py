@@ -18,20 +18,22 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from .allocator import Extent, OutOfMemory, PageAllocator
-from .types import DEFAULT_TYPES, InstanceType
+from device.errors import CapacityError, OutOfMemory
+from device.gpu.allocator import Extent, PageAllocator
+from device.gpu.types import DEFAULT_TYPES, InstanceType
 
 DEFAULT_MEMORY = 1024 * 1024 * 1024
 DEFAULT_CONTEXTS = 16
 
 
-class CapacityError(Exception):
-    """The physical GPU cannot host what was asked (the message says what is left)."""
-
-
 class PhysicalGpu:
-    def __init__(self, memory_size: int = DEFAULT_MEMORY, contexts: int = DEFAULT_CONTEXTS,
-                 types: Iterable[InstanceType] = DEFAULT_TYPES, name: str = "pgpu0") -> None:
+    def __init__(
+        self,
+        memory_size: int = DEFAULT_MEMORY,
+        contexts: int = DEFAULT_CONTEXTS,
+        types: Iterable[InstanceType] = DEFAULT_TYPES,
+        name: str = "pgpu0",
+    ) -> None:
         self.name = name
         self.memory_size = memory_size
         self.contexts = contexts

@@ -98,118 +98,293 @@ def _context_registers(n: int) -> tuple[Register, ...]:
     base = CONTEXT_BLOCK + n * CONTEXT_STRIDE
     p = f"CTX{n}_"
     return (
-        Register(p + "RING_BASE_LO", base + 0x00, Access.RW, 0,
-                 f"Context {n} ring: guest physical address, bits 31:0 (64-byte aligned)."),
-        Register(p + "RING_BASE_HI", base + 0x04, Access.RW, 0,
-                 f"Context {n} ring: guest physical address, bits 63:32."),
-        Register(p + "RING_SIZE", base + 0x08, Access.RW, 0,
-                 f"Context {n} ring: size in bytes, a power of two from 4 KiB to 1 MiB."),
-        Register(p + "RING_HEAD", base + 0x0C, Access.RO, 0,
-                 f"Context {n} ring: byte offset of the next command the device reads."),
-        Register(p + "RING_TAIL", base + 0x10, Access.RW, 0,
-                 f"Context {n} ring: byte offset after the last command written by the "
-                 "driver (a multiple of 64)."),
-        Register(p + "DOORBELL", base + 0x14, Access.WO, 0,
-                 f"Context {n}: any write makes the device process commands up to "
-                 "RING_TAIL."),
-        Register(p + "RING_CONTROL", base + 0x18, Access.RW, 0,
-                 f"Context {n}: bit 0 ENABLE. Setting it checks the ring configuration "
-                 "and starts from HEAD = TAIL = 0; clearing it stops the ring."),
-        Register(p + "RING_STATUS", base + 0x1C, Access.RO, 0,
-                 f"Context {n}: 0 stopped, 1 idle, 2 busy, 3 error (halted until the "
-                 "ring is disabled and enabled again)."),
-        Register(p + "FENCE_LO", base + 0x20, Access.RO, 0,
-                 f"Context {n}: value of the last completed FENCE command, bits 31:0."),
-        Register(p + "FENCE_HI", base + 0x24, Access.RO, 0,
-                 f"Context {n}: value of the last completed FENCE command, bits 63:32."),
+        Register(
+            p + "RING_BASE_LO",
+            base + 0x00,
+            Access.RW,
+            0,
+            f"Context {n} ring: guest physical address, bits 31:0 (64-byte aligned).",
+        ),
+        Register(
+            p + "RING_BASE_HI",
+            base + 0x04,
+            Access.RW,
+            0,
+            f"Context {n} ring: guest physical address, bits 63:32.",
+        ),
+        Register(
+            p + "RING_SIZE",
+            base + 0x08,
+            Access.RW,
+            0,
+            f"Context {n} ring: size in bytes, a power of two from 4 KiB to 1 MiB.",
+        ),
+        Register(
+            p + "RING_HEAD",
+            base + 0x0C,
+            Access.RO,
+            0,
+            f"Context {n} ring: byte offset of the next command the device reads.",
+        ),
+        Register(
+            p + "RING_TAIL",
+            base + 0x10,
+            Access.RW,
+            0,
+            f"Context {n} ring: byte offset after the last command written by the "
+            "driver (a multiple of 64).",
+        ),
+        Register(
+            p + "DOORBELL",
+            base + 0x14,
+            Access.WO,
+            0,
+            f"Context {n}: any write makes the device process commands up to RING_TAIL.",
+        ),
+        Register(
+            p + "RING_CONTROL",
+            base + 0x18,
+            Access.RW,
+            0,
+            f"Context {n}: bit 0 ENABLE. Setting it checks the ring configuration "
+            "and starts from HEAD = TAIL = 0; clearing it stops the ring.",
+        ),
+        Register(
+            p + "RING_STATUS",
+            base + 0x1C,
+            Access.RO,
+            0,
+            f"Context {n}: 0 stopped, 1 idle, 2 busy, 3 error (halted until the "
+            "ring is disabled and enabled again).",
+        ),
+        Register(
+            p + "FENCE_LO",
+            base + 0x20,
+            Access.RO,
+            0,
+            f"Context {n}: value of the last completed FENCE command, bits 31:0.",
+        ),
+        Register(
+            p + "FENCE_HI",
+            base + 0x24,
+            Access.RO,
+            0,
+            f"Context {n}: value of the last completed FENCE command, bits 63:32.",
+        ),
     )
 
 
 REGISTERS: tuple[Register, ...] = (
-    Register("ID", 0x000, Access.RO, ID_VALUE,
-             "Identification: 0x4D475055 (\"MGPU\"). A driver checks it before anything else."),
-    Register("VERSION", 0x004, Access.RO, (VERSION_MAJOR << 16) | VERSION_MINOR,
-             "Device model version: major in bits 31:16, minor in bits 15:0."),
-    Register("SCRATCH", 0x008, Access.RW, 0,
-             "Free for software. Reads return the last value written; reset clears it."),
-    Register("APERTURE_SIZE_LO", 0x010, Access.RO, 0,
-             "Size of the BAR2 aperture in bytes, bits 31:0."),
-    Register("APERTURE_SIZE_HI", 0x014, Access.RO, 0,
-             "Size of the BAR2 aperture in bytes, bits 63:32."),
-    Register("MEM_QUOTA_LO", 0x020, Access.RO, 0,
-             "Device memory this instance may allocate, in bytes, bits 31:0."),
-    Register("MEM_QUOTA_HI", 0x024, Access.RO, 0,
-             "Device memory quota in bytes, bits 63:32."),
-    Register("MEM_FREE_LO", 0x028, Access.RO, 0,
-             "Quota not used by resources, in bytes, bits 31:0."),
-    Register("MEM_FREE_HI", 0x02C, Access.RO, 0,
-             "Quota not used by resources, in bytes, bits 63:32."),
-    Register("CONTEXT_QUOTA", 0x030, Access.RO, 0,
-             "Number of usable contexts (command rings); the others ignore writes."),
-    Register("RESOURCE_COUNT", 0x034, Access.RO, 0,
-             "Number of live resources."),
-    Register("INT_STATUS", 0x040, Access.RO, 0,
-             "Pending interrupt causes: bit 0 FENCE, bit 1 ERROR, bit 2 DMA (bring-up DMA "
-             "done), bit 3 FAULT (denied aperture access). A cause that becomes pending "
-             "raises its vector (0, 1, 2, 3) unless masked."),
-    Register("INT_MASK", 0x044, Access.RW, 0,
-             "Interrupt mask: a set bit stops that cause from raising its vector (it still "
-             "becomes pending in INT_STATUS)."),
-    Register("INT_ACK", 0x048, Access.WO, 0,
-             "Write 1s to clear the matching INT_STATUS bits."),
-    Register("ERROR_CODE", 0x080, Access.RO, 0,
-             "Last error (see error codes below); also raises the ERROR interrupt."),
-    Register("ERROR_CONTEXT", 0x084, Access.RO, 0,
-             "Context whose command failed, or 0xFFFFFFFF for a RES_COMMAND or DMA error."),
-    Register("ERROR_RING_OFFSET", 0x088, Access.RO, 0,
-             "Ring offset of the failed command."),
-    Register("ERROR_COUNT", 0x08C, Access.RO, 0,
-             "Errors since the last reset."),
-    Register("FAULT_OFFSET_LO", 0x0A0, Access.RO, 0,
-             "Aperture offset of the last denied access (report policy), bits 31:0."),
-    Register("FAULT_OFFSET_HI", 0x0A4, Access.RO, 0,
-             "Aperture offset of the last denied access, bits 63:32."),
-    Register("FAULT_COUNT", 0x0A8, Access.RO, 0,
-             "Denied aperture accesses reported since the last reset."),
-    Register("FAULT_FLAGS", 0x0AC, Access.RO, 0,
-             "Bit 0: the last reported access was a write (trap mode; a first touch in "
-             "fault mode is reported as a read)."),
-    Register("DEVICE_RESET", 0x0F0, Access.WO, 0,
-             "Write 1 to reset the instance: stops every ring, destroys every resource (its "
-             "memory is zeroed), restores all registers."),
-    Register("RES_SIZE_LO", 0x100, Access.RW, 0,
-             "Resource commands: size in bytes for CREATE, bits 31:0."),
-    Register("RES_SIZE_HI", 0x104, Access.RW, 0,
-             "Resource commands: size in bytes, bits 63:32."),
-    Register("RES_HANDLE", 0x108, Access.RW, 0,
-             "Resource commands: the handle (written by CREATE, read by the others). "
-             "Handles are never reused while the instance lives."),
-    Register("RES_OFFSET_LO", 0x10C, Access.RO, 0,
-             "Resource commands: aperture offset returned by PLACE, bits 31:0."),
-    Register("RES_OFFSET_HI", 0x110, Access.RO, 0,
-             "Resource commands: aperture offset returned by PLACE, bits 63:32."),
-    Register("RES_COMMAND", 0x114, Access.WO, 0,
-             "Write 1 CREATE, 2 DESTROY, 3 PLACE, 4 REMOVE. Runs at once; the result is in "
-             "RES_STATUS."),
-    Register("RES_STATUS", 0x118, Access.RO, 0,
-             "Result of the last RES_COMMAND: 0 on success, else an error code."),
-    Register("DMA_GUEST_ADDR_LO", 0x200, Access.RW, 0,
-             "Bring-up DMA: guest physical (bus) address, bits 31:0."),
-    Register("DMA_GUEST_ADDR_HI", 0x204, Access.RW, 0,
-             "Bring-up DMA: guest physical (bus) address, bits 63:32."),
-    Register("DMA_APERTURE_OFFSET", 0x208, Access.RW, 0,
-             "Bring-up DMA: byte offset in the BAR2 aperture."),
-    Register("DMA_LENGTH", 0x20C, Access.RW, 0,
-             "Bring-up DMA: bytes to copy, at most 16 MiB."),
-    Register("DMA_CONTROL", 0x210, Access.WO, 0,
-             "Bring-up DMA: write 1 to copy guest memory to the aperture, 2 to copy the "
-             "aperture to guest memory. Ignored while DMA_STATUS is BUSY."),
-    Register("DMA_STATUS", 0x214, Access.RO, 0,
-             "Bring-up DMA: 0 idle, 1 busy, 2 done, 3 error. DONE or ERROR sets the DMA "
-             "interrupt cause."),
-    Register("DMA_ERROR", 0x218, Access.RO, 0,
-             "Bring-up DMA: errno of the last failed copy (14 EFAULT: unmapped guest "
-             "address, 22 EINVAL: bad length or aperture range), 0 after a success."),
+    Register(
+        "ID",
+        0x000,
+        Access.RO,
+        ID_VALUE,
+        'Identification: 0x4D475055 ("MGPU"). A driver checks it before anything else.',
+    ),
+    Register(
+        "VERSION",
+        0x004,
+        Access.RO,
+        (VERSION_MAJOR << 16) | VERSION_MINOR,
+        "Device model version: major in bits 31:16, minor in bits 15:0.",
+    ),
+    Register(
+        "SCRATCH",
+        0x008,
+        Access.RW,
+        0,
+        "Free for software. Reads return the last value written; reset clears it.",
+    ),
+    Register(
+        "APERTURE_SIZE_LO", 0x010, Access.RO, 0, "Size of the BAR2 aperture in bytes, bits 31:0."
+    ),
+    Register(
+        "APERTURE_SIZE_HI", 0x014, Access.RO, 0, "Size of the BAR2 aperture in bytes, bits 63:32."
+    ),
+    Register(
+        "MEM_QUOTA_LO",
+        0x020,
+        Access.RO,
+        0,
+        "Device memory this instance may allocate, in bytes, bits 31:0.",
+    ),
+    Register("MEM_QUOTA_HI", 0x024, Access.RO, 0, "Device memory quota in bytes, bits 63:32."),
+    Register(
+        "MEM_FREE_LO", 0x028, Access.RO, 0, "Quota not used by resources, in bytes, bits 31:0."
+    ),
+    Register(
+        "MEM_FREE_HI", 0x02C, Access.RO, 0, "Quota not used by resources, in bytes, bits 63:32."
+    ),
+    Register(
+        "CONTEXT_QUOTA",
+        0x030,
+        Access.RO,
+        0,
+        "Number of usable contexts (command rings); the others ignore writes.",
+    ),
+    Register("RESOURCE_COUNT", 0x034, Access.RO, 0, "Number of live resources."),
+    Register(
+        "INT_STATUS",
+        0x040,
+        Access.RO,
+        0,
+        "Pending interrupt causes: bit 0 FENCE, bit 1 ERROR, bit 2 DMA (bring-up DMA "
+        "done), bit 3 FAULT (denied aperture access). A cause that becomes pending "
+        "raises its vector (0, 1, 2, 3) unless masked.",
+    ),
+    Register(
+        "INT_MASK",
+        0x044,
+        Access.RW,
+        0,
+        "Interrupt mask: a set bit stops that cause from raising its vector (it still "
+        "becomes pending in INT_STATUS).",
+    ),
+    Register("INT_ACK", 0x048, Access.WO, 0, "Write 1s to clear the matching INT_STATUS bits."),
+    Register(
+        "ERROR_CODE",
+        0x080,
+        Access.RO,
+        0,
+        "Last error (see error codes below); also raises the ERROR interrupt.",
+    ),
+    Register(
+        "ERROR_CONTEXT",
+        0x084,
+        Access.RO,
+        0,
+        "Context whose command failed, or 0xFFFFFFFF for a RES_COMMAND or DMA error.",
+    ),
+    Register("ERROR_RING_OFFSET", 0x088, Access.RO, 0, "Ring offset of the failed command."),
+    Register("ERROR_COUNT", 0x08C, Access.RO, 0, "Errors since the last reset."),
+    Register(
+        "FAULT_OFFSET_LO",
+        0x0A0,
+        Access.RO,
+        0,
+        "Aperture offset of the last denied access (report policy), bits 31:0.",
+    ),
+    Register(
+        "FAULT_OFFSET_HI",
+        0x0A4,
+        Access.RO,
+        0,
+        "Aperture offset of the last denied access, bits 63:32.",
+    ),
+    Register(
+        "FAULT_COUNT",
+        0x0A8,
+        Access.RO,
+        0,
+        "Denied aperture accesses reported since the last reset.",
+    ),
+    Register(
+        "FAULT_FLAGS",
+        0x0AC,
+        Access.RO,
+        0,
+        "Bit 0: the last reported access was a write (trap mode; a first touch in "
+        "fault mode is reported as a read).",
+    ),
+    Register(
+        "DEVICE_RESET",
+        0x0F0,
+        Access.WO,
+        0,
+        "Write 1 to reset the instance: stops every ring, destroys every resource (its "
+        "memory is zeroed), restores all registers.",
+    ),
+    Register(
+        "RES_SIZE_LO",
+        0x100,
+        Access.RW,
+        0,
+        "Resource commands: size in bytes for CREATE, bits 31:0.",
+    ),
+    Register("RES_SIZE_HI", 0x104, Access.RW, 0, "Resource commands: size in bytes, bits 63:32."),
+    Register(
+        "RES_HANDLE",
+        0x108,
+        Access.RW,
+        0,
+        "Resource commands: the handle (written by CREATE, read by the others). "
+        "Handles are never reused while the instance lives.",
+    ),
+    Register(
+        "RES_OFFSET_LO",
+        0x10C,
+        Access.RO,
+        0,
+        "Resource commands: aperture offset returned by PLACE, bits 31:0.",
+    ),
+    Register(
+        "RES_OFFSET_HI",
+        0x110,
+        Access.RO,
+        0,
+        "Resource commands: aperture offset returned by PLACE, bits 63:32.",
+    ),
+    Register(
+        "RES_COMMAND",
+        0x114,
+        Access.WO,
+        0,
+        "Write 1 CREATE, 2 DESTROY, 3 PLACE, 4 REMOVE. Runs at once; the result is in RES_STATUS.",
+    ),
+    Register(
+        "RES_STATUS",
+        0x118,
+        Access.RO,
+        0,
+        "Result of the last RES_COMMAND: 0 on success, else an error code.",
+    ),
+    Register(
+        "DMA_GUEST_ADDR_LO",
+        0x200,
+        Access.RW,
+        0,
+        "Bring-up DMA: guest physical (bus) address, bits 31:0.",
+    ),
+    Register(
+        "DMA_GUEST_ADDR_HI",
+        0x204,
+        Access.RW,
+        0,
+        "Bring-up DMA: guest physical (bus) address, bits 63:32.",
+    ),
+    Register(
+        "DMA_APERTURE_OFFSET",
+        0x208,
+        Access.RW,
+        0,
+        "Bring-up DMA: byte offset in the BAR2 aperture.",
+    ),
+    Register("DMA_LENGTH", 0x20C, Access.RW, 0, "Bring-up DMA: bytes to copy, at most 16 MiB."),
+    Register(
+        "DMA_CONTROL",
+        0x210,
+        Access.WO,
+        0,
+        "Bring-up DMA: write 1 to copy guest memory to the aperture, 2 to copy the "
+        "aperture to guest memory. Ignored while DMA_STATUS is BUSY.",
+    ),
+    Register(
+        "DMA_STATUS",
+        0x214,
+        Access.RO,
+        0,
+        "Bring-up DMA: 0 idle, 1 busy, 2 done, 3 error. DONE or ERROR sets the DMA "
+        "interrupt cause.",
+    ),
+    Register(
+        "DMA_ERROR",
+        0x218,
+        Access.RO,
+        0,
+        "Bring-up DMA: errno of the last failed copy (14 EFAULT: unmapped guest "
+        "address, 22 EINVAL: bad length or aperture range), 0 after a success.",
+    ),
     *(r for n in range(MAX_CONTEXTS) for r in _context_registers(n)),
 )
 

@@ -10,16 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .allocator import Extent, OutOfMemory, PageAllocator
-from .registers import ErrorCode
-
-
-class DeviceError(Exception):
-    """A guest-supplied value was refused; ``code`` is what the registers report."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from device.errors import DeviceError, OutOfMemory
+from device.gpu.allocator import Extent, PageAllocator
+from device.gpu.registers import ErrorCode
 
 
 @dataclass

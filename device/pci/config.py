@@ -15,7 +15,7 @@ import errno
 import struct
 from dataclasses import dataclass
 
-from ..protocol.errors import VfioUserError
+from device.errors import VfioUserError
 
 CONFIG_SPACE_SIZE = 4096
 LEGACY_CONFIG_SIZE = 256
@@ -102,8 +102,14 @@ class ConfigSpace:
         self.w1cmask[offset : offset + width] = mask.to_bytes(width, "little")
 
     def init_header(
-        self, *, vendor: int, device: int, class_code: int, revision: int,
-        subsystem_vendor: int, subsystem: int,
+        self,
+        *,
+        vendor: int,
+        device: int,
+        class_code: int,
+        revision: int,
+        subsystem_vendor: int,
+        subsystem: int,
     ) -> None:
         self.set16(VENDOR_ID, vendor)
         self.set16(DEVICE_ID, device)
@@ -135,8 +141,9 @@ class ConfigSpace:
             high_mask = (~(bar.size - 1) >> 32) & 0xFFFFFFFF
             self.set_wmask(offset + 4, high_mask, 4)
 
-    def add_capability(self, cap_id: int, body: bytes, *, wmask: bytes = b"",
-                       w1cmask: bytes = b"") -> int:
+    def add_capability(
+        self, cap_id: int, body: bytes, *, wmask: bytes = b"", w1cmask: bytes = b""
+    ) -> int:
         """Append a standard capability (ID and next pointer are filled in); returns its
         offset.  ``body`` starts at capability byte 2."""
         offset = self._next_cap_offset

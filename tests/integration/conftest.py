@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from device.control.manager import GpuServer
 from device.gpu.physical import PhysicalGpu
-from device.manager import GpuServer
 from guest_images import Runtime, ensure_runtime
 
 FIGURES = Path(__file__).resolve().parents[2] / "bench" / "results" / "qemu_figures.json"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from device.control.manager import GpuServer
 from device.gpu import registers as regs
-from device.manager import GpuServer
-from device.vm import GuestVM
+from device.harness.vm import GuestVM
 from guest_images import Runtime, parse_results
 
 pytestmark = pytest.mark.qemu
@@ -20,10 +20,10 @@ def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
     runtime: Runtime, gpu_server: GpuServer, short_tmp: Path, figures: dict[str, float]
 ) -> None:
     msix = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
-    msi = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock",
-                                     interrupts="msi")
-    with GuestVM(runtime, short_tmp,
-                 vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]) as vm:
+    msi = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock", interrupts="msi")
+    with GuestVM(
+        runtime, short_tmp, vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]
+    ) as vm:
         vm.start()
         vm.check("modprobe mgpu")
         assert sorted(vm.check("ls /dev | grep mgpu").split()) == ["mgpu0", "mgpu1"]
@@ -33,7 +33,8 @@ def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
             assert result["copy_ok"] == "1" and result["saxpy_ok"] == "1", result
             assert int(result["interrupts"]) >= 1
             figures[f"ring_submit_to_fence_irq_us_{index}"] = float(
-                result["submit_to_interrupt_us"])
+                result["submit_to_interrupt_us"]
+            )
         # The interrupts really went through the guest's MSI-X and MSI vectors.
         interrupts = vm.check("grep mgpu /proc/interrupts")
         assert "MSIX" in interrupts.upper() or "MSI-X" in interrupts.upper(), interrupts

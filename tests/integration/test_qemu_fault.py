@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from device.control.manager import GpuServer
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.manager import GpuServer
-from device.protocol.constants import PciRegion
-from device.vm import GuestError, GuestVM
+from device.harness.vm import GuestError, GuestVM
+from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
 
 pytestmark = pytest.mark.qemu
@@ -47,13 +47,18 @@ def host_view(device: GpuInstance, offset: int, length: int) -> bytes:
 
 @pytest.mark.parametrize("mapping", ["fault", "trap"])
 def test_pages_follow_allocations_under_each_policy(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path, figures: dict[str, float],
+    runtime: Runtime,
+    gpu_server: GpuServer,
+    short_tmp: Path,
+    figures: dict[str, float],
     mapping: str,
 ) -> None:
-    dummy = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock",
-                                       mapping=mapping, denied="dummy").device
-    report = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock",
-                                        mapping=mapping, denied="report").device
+    dummy = gpu_server.create_instance(
+        "gpu0", "mgpu-64", short_tmp / "gpu0.sock", mapping=mapping, denied="dummy"
+    ).device
+    report = gpu_server.create_instance(
+        "gpu1", "mgpu-64", short_tmp / "gpu1.sock", mapping=mapping, denied="report"
+    ).device
     sockets = [short_tmp / "gpu0.sock", short_tmp / "gpu1.sock"]
     with GuestVM(runtime, short_tmp, vfio_user_sockets=sockets) as vm:
         vm.start()
@@ -93,8 +98,9 @@ def test_pages_follow_allocations_under_each_policy(
 def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
     runtime: Runtime, gpu_server: GpuServer, short_tmp: Path
 ) -> None:
-    served = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock",
-                                        mapping="fault", denied="sigbus")
+    served = gpu_server.create_instance(
+        "gpu0", "mgpu-64", short_tmp / "gpu0.sock", mapping="fault", denied="sigbus"
+    )
     with GuestVM(runtime, short_tmp, vfio_user_sockets=[served.endpoint.path]) as vm:
         vm.start()
         bdf = bdf_of(vm, served.device, 0x5B)
@@ -102,8 +108,10 @@ def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
         offset = int(res(vm, bdf, "place", handle)["offset"], 0)
         vm.check(f"mgpu-probe fill {bdf} 2 {offset:#x} 4096 1")  # allowed: fine
         assert vm.process is not None
-        qemu_fds = [os.readlink(f"/proc/{vm.process.pid}/fd/{fd}")
-                    for fd in os.listdir(f"/proc/{vm.process.pid}/fd")]
+        qemu_fds = [
+            os.readlink(f"/proc/{vm.process.pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{vm.process.pid}/fd")
+        ]
         assert "/dev/fuse" not in qemu_fds, "the FUSE connection never leaks into QEMU"
         with pytest.raises(GuestError, match=r"QEMU exited|closed its port"):
             vm.run(f"mgpu-probe read {bdf} 2 {offset + 0x100000:#x}", timeout=60)
@@ -120,13 +128,17 @@ def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
 def test_two_vms_on_one_physical_gpu_never_see_each_others_data(
     runtime: Runtime, gpu_server: GpuServer, short_tmp: Path
 ) -> None:
-    a = gpu_server.create_instance("a", "mgpu-64", short_tmp / "a.sock", mapping="fault",
-                                   denied="dummy")
-    b = gpu_server.create_instance("b", "mgpu-64", short_tmp / "b.sock", mapping="fault",
-                                   denied="dummy")
+    a = gpu_server.create_instance(
+        "a", "mgpu-64", short_tmp / "a.sock", mapping="fault", denied="dummy"
+    )
+    b = gpu_server.create_instance(
+        "b", "mgpu-64", short_tmp / "b.sock", mapping="fault", denied="dummy"
+    )
     secret = pattern_bytes(8192, 0x5EC2E7)
-    with GuestVM(runtime, short_tmp / "vm-a", vfio_user_sockets=[a.endpoint.path]) as vm_a, \
-            GuestVM(runtime, short_tmp / "vm-b", vfio_user_sockets=[b.endpoint.path]) as vm_b:
+    with (
+        GuestVM(runtime, short_tmp / "vm-a", vfio_user_sockets=[a.endpoint.path]) as vm_a,
+        GuestVM(runtime, short_tmp / "vm-b", vfio_user_sockets=[b.endpoint.path]) as vm_b,
+    ):
         vm_a.start()
         vm_b.start()
         bdf_a, bdf_b = bdf_of(vm_a, a.device, 0xA), bdf_of(vm_b, b.device, 0xB)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from qemu.qmp.util import get_or_create_event_loop
 
+from device.control.manager import GpuServer
 from device.gpu import registers as regs
 from device.gpu.instance import DEVICE_ID, VENDOR_ID
-from device.manager import GpuServer
-from device.protocol.constants import PciRegion
-from device.vm import GuestVM
+from device.harness.vm import GuestVM
+from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
 
 pytestmark = pytest.mark.qemu
@@ -26,8 +26,15 @@ pytestmark = pytest.mark.qemu
 
 def find_gpus(vm: GuestVM) -> list[str]:
     status, output = vm.run("mgpu-probe find")
-    return [] if status else [line.split("=", 1)[1] for line in output.splitlines()
-                              if line.startswith("MGPU-RESULT bdf=")]
+    return (
+        []
+        if status
+        else [
+            line.split("=", 1)[1]
+            for line in output.splitlines()
+            if line.startswith("MGPU-RESULT bdf=")
+        ]
+    )
 
 
 def wait_for_gpu_count(vm: GuestVM, count: int, timeout: float = 60.0) -> float:
@@ -46,8 +53,7 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
     # gpu0 has MSI-X (the default); gpu1 uses MSI, because QEMU 11.1.3 aborts when it
     # hot-unplugs a vfio-user device with MSI-X.
     gpu0 = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
-    gpu1 = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock",
-                                      interrupts="msi")
+    gpu1 = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock", interrupts="msi")
     device = gpu0.device
     vm = GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu0.endpoint.path, gpu1.endpoint.path])
     with vm:
@@ -128,8 +134,7 @@ def test_message_based_dma_with_guest_ram_that_is_not_fd_backed(
     """Guest RAM without an fd: QEMU maps it with no fd, and every device DMA becomes
     a DMA_READ/DMA_WRITE message that QEMU serves."""
     gpu = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
-    with GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu.endpoint.path],
-                 shared_ram=False) as vm:
+    with GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu.endpoint.path], shared_ram=False) as vm:
         vm.start()
         session = gpu.endpoint.session
         assert session is not None
@@ -140,7 +145,8 @@ def test_message_based_dma_with_guest_ram_that_is_not_fd_backed(
         assert bytes(gpu.device.aperture[0x3000:0x4000]) == pattern_bytes(4096, 0x77)
         figures["message_dma_4k_to_device_us"] = int(to_aperture["dma_ns"]) / 1000
         from_aperture = parse_results(
-            vm.check(f"mgpu-probe dma {bdf} from-aperture 0x5000 4096 0x99"))
+            vm.check(f"mgpu-probe dma {bdf} from-aperture 0x5000 4096 0x99")
+        )
         assert from_aperture["mismatches"] == "0", from_aperture
         figures["message_dma_4k_from_device_us"] = int(from_aperture["dma_ns"]) / 1000
         assert vm.quit() == 0

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.qemu
 
 
-def read_until(proc: subprocess.Popen[bytes], pattern: str, seen: bytearray,
-               timeout: float = 120) -> re.Match[str]:
+def read_until(
+    proc: subprocess.Popen[bytes], pattern: str, seen: bytearray, timeout: float = 120
+) -> re.Match[str]:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while True:
@@ -41,10 +42,13 @@ def read_until(proc: subprocess.Popen[bytes], pattern: str, seen: bytearray,
 def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime, kvm: bool) -> None:
     assert runtime.kernel.exists()  # built once by the session fixture
     extra = ["--kvm"] if kvm else []
-    proc = subprocess.Popen([str(ROOT / "run_qemu.sh"), "--instances", "2", "--memory", "512",
-                             *extra],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(ROOT / "run_qemu.sh"), "--instances", "2", "--memory", "512", *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     seen = bytearray()
     try:
         accel = read_until(proc, r"QEMU \S+ under (TCG|KVM)", seen, timeout=180).group(1)

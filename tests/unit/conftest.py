@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from device.gpu.instance import GpuInstance
-from device.server import Endpoint
+from device.vfio_user.server import Endpoint
 
 ServeInstance = Callable[..., Endpoint]
 

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from device.client import VfioUserClient
-from device.driver import MgpuDriver
+from device.control.manager import GpuServer
+from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.commands import Opcode, encode
 from device.gpu.instance import GpuInstance
 from device.gpu.physical import PhysicalGpu
 from device.gpu.types import InstanceType
-from device.manager import GpuServer
-from device.protocol.constants import PciRegion
-from device.protocol.errors import VfioUserError
+from device.harness.driver import MgpuDriver
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol.constants import PciRegion
 
 MiB = 1 << 20
 PAGE = 4096
@@ -60,8 +60,7 @@ class Guest:
     def placed(self, size: int, fill: int | None = None) -> tuple[int, int]:
         handle = self.driver.create(size)
         if fill is not None:
-            self.driver.run(encode(Opcode.FILL, handle=handle, offset=0, length=size,
-                                   value=fill))
+            self.driver.run(encode(Opcode.FILL, handle=handle, offset=0, length=size, value=fill))
         return handle, self.driver.place(handle)
 
     def close(self) -> None:
@@ -78,8 +77,9 @@ def make_guest() -> Iterator[Callable[..., tuple[Guest, GpuInstance]]]:
 
     def make(denied: str = "sigbus", mapping: str = "fault") -> tuple[Guest, GpuInstance]:
         name = f"g{len(guests)}"
-        served = server.create_instance(name, "small", workdir / f"{name}.sock",
-                                        mapping=mapping, denied=denied)
+        served = server.create_instance(
+            name, "small", workdir / f"{name}.sock", mapping=mapping, denied=denied
+        )
         guest = Guest(VfioUserClient.connect(served.endpoint.path))
         guests.append(guest)
         return guest, served.device
@@ -96,7 +96,7 @@ def make_guest() -> Iterator[Callable[..., tuple[Guest, GpuInstance]]]:
 
 
 def test_fault_mode_serves_only_placed_pages_and_revokes(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     guest, device = make_guest("sigbus")
     log = device.window.log
@@ -131,7 +131,7 @@ def test_fault_mode_serves_only_placed_pages_and_revokes(
 
 
 def test_dummy_policy_gives_zero_pages_until_real_memory_arrives(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     guest, device = make_guest("dummy")
     log = device.window.log
@@ -145,7 +145,7 @@ def test_dummy_policy_gives_zero_pages_until_real_memory_arrives(
 
 
 def test_report_policy_reads_ones_latches_and_interrupts(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     guest, _ = make_guest("report")
     vector = regs.INT_VECTORS[regs.IntBit.FAULT]
@@ -154,12 +154,14 @@ def test_report_policy_reads_ones_latches_and_interrupts(
     assert guest.driver.read("FAULT_COUNT") == 1
     assert guest.driver.read("FAULT_OFFSET_LO") == 3 * PAGE, "the faulting page"
     assert guest.driver.read("INT_STATUS") & regs.IntBit.FAULT
-    assert guest.driver.wait_interrupt(regs.IntBit.FAULT) or \
-        guest.driver.interrupts_seen[vector] > before
+    assert (
+        guest.driver.wait_interrupt(regs.IntBit.FAULT)
+        or guest.driver.interrupts_seen[vector] > before
+    )
 
 
 def test_engine_and_guest_see_each_others_writes_with_no_update_lost(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     guest, _ = make_guest("sigbus")
     pages = 16
@@ -175,26 +177,31 @@ def test_engine_and_guest_see_each_others_writes_with_no_update_lost(
         engine_page = rng.randrange(pages)
         if engine_page != page:  # the engine fills another page of the same resource
             value = rng.getrandbits(32)
-            guest.driver.run(encode(Opcode.FILL, handle=handle, offset=engine_page * PAGE,
-                                    length=PAGE, value=value))
+            guest.driver.run(
+                encode(
+                    Opcode.FILL, handle=handle, offset=engine_page * PAGE, length=PAGE, value=value
+                )
+            )
             word = value.to_bytes(4, "little")
             model[engine_page * PAGE : (engine_page + 1) * PAGE] = word * (PAGE // 4)
         if round_ % 7 == 0:  # revoke and refault cycles in between
             guest.driver.remove(handle)
             guest.driver.place(handle)
     # The engine sees the guest's writes (copy out through the engine)...
-    guest.driver.run(encode(Opcode.COPY_RESOURCE, src_handle=handle, dst_handle=other,
-                            length=pages * PAGE))
+    guest.driver.run(
+        encode(Opcode.COPY_RESOURCE, src_handle=handle, dst_handle=other, length=pages * PAGE)
+    )
     out = guest.driver.ram.alloc(pages * PAGE)
-    guest.driver.run(encode(Opcode.READ_RESOURCE, handle=other, guest_addr=out,
-                            length=pages * PAGE))
+    guest.driver.run(
+        encode(Opcode.READ_RESOURCE, handle=other, guest_addr=out, length=pages * PAGE)
+    )
     assert guest.driver.ram.read(out, pages * PAGE) == bytes(model)
     # ...and the guest sees the engine's writes.
     assert guest.touch(offset, pages * PAGE) == bytes(model)
 
 
 def test_two_instances_never_see_each_others_memory(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     a, _ = make_guest("dummy")
     b, _ = make_guest("dummy")
@@ -217,8 +224,9 @@ def test_two_instances_never_see_each_others_memory(
 def test_trap_mode_checks_every_access(denied: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-trap-"))
     with GpuServer(PhysicalGpu(8 * MiB, contexts=2, types=TYPES)) as server:
-        served = server.create_instance("t", "small", workdir / "t.sock", mapping="trap",
-                                        denied=denied)
+        served = server.create_instance(
+            "t", "small", workdir / "t.sock", mapping="trap", denied=denied
+        )
         with VfioUserClient.connect(served.endpoint.path) as client:
             info, fd = client.region_info(PciRegion.BAR2)
             assert fd is None and not info.flags & 4, "trap mode: no mmap, no fd"
@@ -238,8 +246,9 @@ def test_trap_mode_checks_every_access(denied: str) -> None:
             offset = driver.place(handle)
             client.region_write(PciRegion.BAR2, offset + 8, b"kept")
             assert client.region_read(PciRegion.BAR2, offset + 8, 4) == b"kept"
-            assert client.region_read(PciRegion.BAR2, offset, 4) == bytes(4), \
+            assert client.region_read(PciRegion.BAR2, offset, 4) == bytes(4), (
                 "the dropped write never reached memory"
+            )
             driver.remove(handle)
             with pytest.raises(VfioUserError) if denied == "sigbus" else contextlib.nullcontext():
                 client.region_read(PciRegion.BAR2, offset + 8, 4)
@@ -247,22 +256,22 @@ def test_trap_mode_checks_every_access(denied: str) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-
-
 def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-reuse-"))
     with GpuServer(PhysicalGpu(4 * MiB, contexts=2, types=TYPES)) as server:
-        first = server.create_instance("first", "small", workdir / "a.sock", mapping="fault",
-                                       denied="dummy")
+        first = server.create_instance(
+            "first", "small", workdir / "a.sock", mapping="fault", denied="dummy"
+        )
         old = Guest(VfioUserClient.connect(first.endpoint.path))
         _, offset = old.placed(PAGE, fill=0x01010101)
         assert old.touch(offset, 4) == b"\x01" * 4  # cached in the old owner's page cache
         old.client.close()
         server.destroy_instance("first")  # its partition goes back to the pool, zeroed
-        second = server.create_instance("second", "small", workdir / "b.sock",
-                                        mapping="fault", denied="dummy")
+        second = server.create_instance(
+            "second", "small", workdir / "b.sock", mapping="fault", denied="dummy"
+        )
         assert second.device.partition.offset == first.device.partition.offset
         new = Guest(VfioUserClient.connect(second.endpoint.path))
         _, new_offset = new.placed(PAGE, fill=0x0B0B0B0B)
@@ -278,7 +287,7 @@ def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
 
 
 def test_concurrent_guest_writes_and_engine_commands_lose_no_update(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]]
+    make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     """The guest keeps writing its half of a placed resource while the engine keeps
     filling the other half (each command writes back and drops the pages it uses):
@@ -305,8 +314,9 @@ def test_concurrent_guest_writes_and_engine_commands_lose_no_update(
         for round_ in range(60):
             page = pages // 2 + round_ % (pages // 2)
             value = (round_ * 2654435761) & 0xFFFFFFFF
-            guest.driver.run(encode(Opcode.FILL, handle=handle, offset=page * PAGE,
-                                    length=PAGE, value=value))
+            guest.driver.run(
+                encode(Opcode.FILL, handle=handle, offset=page * PAGE, length=PAGE, value=value)
+            )
             last_engine[page] = value
     finally:
         stop.set()
@@ -319,11 +329,11 @@ def test_concurrent_guest_writes_and_engine_commands_lose_no_update(
         assert image[page * PAGE : (page + 1) * PAGE] == value.to_bytes(4, "little") * 1024
     # And the engine's view agrees with the guest's, byte for byte.
     copy = guest.driver.create(pages * PAGE)
-    guest.driver.run(encode(Opcode.COPY_RESOURCE, src_handle=handle, dst_handle=copy,
-                            length=pages * PAGE))
+    guest.driver.run(
+        encode(Opcode.COPY_RESOURCE, src_handle=handle, dst_handle=copy, length=pages * PAGE)
+    )
     out = guest.driver.ram.alloc(pages * PAGE)
-    guest.driver.run(encode(Opcode.READ_RESOURCE, handle=copy, guest_addr=out,
-                            length=pages * PAGE))
+    guest.driver.run(encode(Opcode.READ_RESOURCE, handle=copy, guest_addr=out, length=pages * PAGE))
     assert guest.driver.ram.read(out, pages * PAGE) == image
 
 
@@ -345,8 +355,10 @@ aperture.close()
 """
 
 
-@pytest.mark.skipif(shutil.which("runuser") is None or not Path("/usr/bin/python3").exists(),
-                    reason="needs runuser and the system python3 to act as another user")
+@pytest.mark.skipif(
+    shutil.which("runuser") is None or not Path("/usr/bin/python3").exists(),
+    reason="needs runuser and the system python3 to act as another user",
+)
 def test_fault_mode_without_root_uses_fusermount3_or_says_why() -> None:
     """Where fusermount3 may mount (setuid honoured, /dev/fuse reachable) a user gets a
     working aperture; where it may not (as on these sandboxes) a clear error, never a
@@ -356,15 +368,28 @@ def test_fault_mode_without_root_uses_fusermount3_or_says_why() -> None:
     try:
         # A copy the other user can read, wherever this checkout lives.
         (workdir / "device" / "fuse").mkdir(parents=True)
-        shutil.copy(root / "device" / "__init__.py", workdir / "device")
+        for module in ("__init__.py", "errors.py"):  # what device.fuse imports
+            shutil.copy(root / "device" / module, workdir / "device")
         for source in (root / "device" / "fuse").glob("*.py"):
             shutil.copy(source, workdir / "device" / "fuse")
         (workdir / "nonroot.py").write_text(NONROOT)
         for path in [workdir, *workdir.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-        result = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3",
-                                 str(workdir / "nonroot.py"), str(workdir)],
-                                capture_output=True, text=True, timeout=60, cwd="/tmp")
+        result = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "/usr/bin/python3",
+                str(workdir / "nonroot.py"),
+                str(workdir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/tmp",
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     assert result.returncode == 0, result.stderr

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from device.client import VfioUserClient
 from device.gpu import registers as regs
-from device.protocol import messages as m
-from device.protocol.constants import Command
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol import messages as m
+from device.vfio_user.protocol.constants import Command
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "device"]
@@ -65,8 +65,13 @@ def serve() -> Iterator[Serve]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(*args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([*CLI, "serve", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, bufsize=0, cwd=ROOT)
+        proc = subprocess.Popen(
+            [*CLI, "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            cwd=ROOT,
+        )
         processes.append(proc)
         return proc
 
@@ -100,9 +105,7 @@ def test_serve_answers_then_exits_0_on_a_signal_and_removes_its_socket(
     assert b"Traceback" not in stderr
 
 
-def test_sigterm_with_a_client_still_connected_exits_0(
-    workdir: Path, serve: Serve
-) -> None:
+def test_sigterm_with_a_client_still_connected_exits_0(workdir: Path, serve: Serve) -> None:
     path = workdir / "gpu.sock"
     proc = serve("--socket", str(path))
     assert read_line(proc) == f"ready {path}"
@@ -141,8 +144,15 @@ def test_aperture_size_sets_the_bar2_size(workdir: Path, serve: Serve) -> None:
 def test_help_lists_the_options() -> None:
     result = run_cli("serve", "--help")
     assert result.returncode == 0
-    for option in ("--socket", "--aperture-size", "--type", "--memory", "--interrupts",
-                   "--name", "--log-level"):
+    for option in (
+        "--socket",
+        "--aperture-size",
+        "--type",
+        "--memory",
+        "--interrupts",
+        "--name",
+        "--log-level",
+    ):
         assert option in result.stdout, option
 
 
@@ -186,9 +196,7 @@ def test_a_stale_socket_is_replaced(workdir: Path, serve: Serve) -> None:
         assert client.read32(0, 0) == regs.ID_VALUE
 
 
-def test_a_stale_socket_left_by_a_closed_listener_is_replaced(
-    workdir: Path, serve: Serve
-) -> None:
+def test_a_stale_socket_left_by_a_closed_listener_is_replaced(workdir: Path, serve: Serve) -> None:
     path = workdir / "gpu.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
@@ -209,8 +217,17 @@ def test_a_file_in_the_way_is_not_removed(workdir: Path) -> None:
 
 
 def test_more_instances_than_the_pool_holds_is_a_clear_error(workdir: Path) -> None:
-    result = run_cli("serve", "--type", "mgpu-1024", "--memory", "1G",
-                     "--socket", str(workdir / "a"), "--socket", str(workdir / "b"))
+    result = run_cli(
+        "serve",
+        "--type",
+        "mgpu-1024",
+        "--memory",
+        "1G",
+        "--socket",
+        str(workdir / "a"),
+        "--socket",
+        str(workdir / "b"),
+    )
     assert result.returncode == 2 and "cannot create gpu1" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / "a").exists(), "the first instance's socket is cleaned up"
@@ -224,9 +241,7 @@ def test_types_lists_available_instances() -> None:
     assert rows["mgpu-1024"][3] == "0"
 
 
-def test_stale_socket_probe_does_not_hang_on_a_listener_that_never_accepts(
-    workdir: Path
-) -> None:
+def test_stale_socket_probe_does_not_hang_on_a_listener_that_never_accepts(workdir: Path) -> None:
     path = workdir / "busy.sock"
     listener = socket.socket(socket.AF_UNIX)
     try:

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device.protocol import messages as m
-from device.protocol.codec import Frame, FrameDecoder
-from device.protocol.constants import Command
-from device.protocol.errors import FramingError, MalformedMessage
+from device.errors import FramingError, MalformedMessage
+from device.vfio_user.protocol import messages as m
+from device.vfio_user.protocol.codec import Frame, FrameDecoder
+from device.vfio_user.protocol.constants import Command
 
 
 def h(text: str) -> bytes:
@@ -98,20 +98,28 @@ CAPS_JSON = b'{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576}}'
 
 def test_version_request_golden_whole_message() -> None:
     caps: dict[str, object] = {"max_msg_fds": 16, "max_data_xfer_size": 1048576}
-    payload = h("""
+    payload = (
+        h("""
         00 00  # major 0
         00 00  # minor 0
-    """) + CAPS_JSON + b"\0"  # the JSON capabilities, NUL-terminated
-    message = h("""
+    """)
+        + CAPS_JSON
+        + b"\0"
+    )  # the JSON capabilities, NUL-terminated
+    message = (
+        h("""
         01 00        # msg_id 1
         01 00        # command VERSION
         55 00 00 00  # size 85 = 16 header + 4 + 64 JSON + 1 NUL
         00 00 00 00  # flags: command
         00 00 00 00  # error
-    """) + payload
+    """)
+        + payload
+    )
     assert m.Version(0, 0, caps).pack() == payload
-    assert m.encode_message(1, Command.VERSION, m.Version(0, 0, caps).pack(),
-                            reply=False) == message
+    assert (
+        m.encode_message(1, Command.VERSION, m.Version(0, 0, caps).pack(), reply=False) == message
+    )
     assert m.Version.unpack(payload) == m.Version(0, 0, caps)
 
 
@@ -120,16 +128,19 @@ def test_version_without_json_or_with_an_empty_string() -> None:
     assert m.Version.unpack(h("00 00 00 00 00")) == m.Version(0, 0, {})  # just the NUL
 
 
-@pytest.mark.parametrize("payload", [
-    h("00 00 00 00") + b'{"capabilities":{}}',  # not NUL-terminated
-    h("00 00 00 00") + b"not json\0",
-    h("00 00 00 00") + b"\xff\xfe\0",  # not UTF-8
-    h("00 00 00 00") + b"[1,2]\0",  # JSON, but not an object
-    h("00 00 00 00") + b'{"capabilities":3}\0',
-    h("00 00 00 00") + b'{"capabilities":{}}\0\0',  # a NUL inside the string
-    h("00 00 00 00") + b"[" * 100_000 + b"\0",  # nested too deep for the parser
-    h("00 00"),  # no minor
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        h("00 00 00 00") + b'{"capabilities":{}}',  # not NUL-terminated
+        h("00 00 00 00") + b"not json\0",
+        h("00 00 00 00") + b"\xff\xfe\0",  # not UTF-8
+        h("00 00 00 00") + b"[1,2]\0",  # JSON, but not an object
+        h("00 00 00 00") + b'{"capabilities":3}\0',
+        h("00 00 00 00") + b'{"capabilities":{}}\0\0',  # a NUL inside the string
+        h("00 00 00 00") + b"[" * 100_000 + b"\0",  # nested too deep for the parser
+        h("00 00"),  # no minor
+    ],
+)
 def test_version_malformed(payload: bytes) -> None:
     with pytest.raises(MalformedMessage):
         m.Version.unpack(payload)
@@ -446,7 +457,8 @@ def test_device_reset_has_no_payload() -> None:
         00 00 00 00  # error
     """)
     assert m.encode_message(3, Command.DEVICE_RESET, reply=True) == h(
-        "03 00  0d 00  10 00 00 00  01 00 00 00  00 00 00 00")
+        "03 00  0d 00  10 00 00 00  01 00 00 00  00 00 00 00"
+    )
     assert m.Empty().pack() == b""
     assert m.Empty.unpack(b"") == m.Empty()
 
@@ -482,8 +494,12 @@ MALFORMED: list[tuple[str, Parser, bytes, tuple[int, ...]]] = [
     ("region_info argsz", m.RegionInfoRequest.unpack, h("10 00 00 00") + bytes(28), ()),
     ("region_info fd", m.RegionInfoRequest.unpack, h("20 00 00 00") + bytes(28), (3,)),
     ("region_info reply short", lambda p, f: m.RegionInfo.unpack(p), bytes(31), ()),
-    ("region_info reply caps cut", lambda p, f: m.RegionInfo.unpack(p),
-     h("28 00 00 00") + REGION_INFO_FULL[4:40], ()),  # says 40, has a cap header only
+    (
+        "region_info reply caps cut",
+        lambda p, f: m.RegionInfo.unpack(p),
+        h("28 00 00 00") + REGION_INFO_FULL[4:40],
+        (),
+    ),  # says 40, has a cap header only
     ("irq_info short", m.IrqInfoRequest.unpack, h("10 00 00 00") + bytes(8), ()),
     ("irq_info argsz", m.IrqInfoRequest.unpack, h("0c 00 00 00") + bytes(12), ()),
     ("irq_info fd", m.IrqInfoRequest.unpack, h("10 00 00 00") + bytes(12), (3,)),
@@ -491,26 +507,53 @@ MALFORMED: list[tuple[str, Parser, bytes, tuple[int, ...]]] = [
     ("set_irqs short", m.SetIrqs.unpack, SET_IRQS_EVENTFD[:-1], ()),
     ("set_irqs argsz", m.SetIrqs.unpack, h("18 00 00 00") + SET_IRQS_EVENTFD[4:], ()),
     ("set_irqs fds != count", m.SetIrqs.unpack, SET_IRQS_EVENTFD, (5,)),
-    ("set_irqs fds without DATA_EVENTFD", m.SetIrqs.unpack,
-     h("14 00 00 00  21 00 00 00  02 00 00 00  00 00 00 00  01 00 00 00"), (5,)),
-    ("set_irqs DATA_BOOL too few", m.SetIrqs.unpack,
-     h("16 00 00 00  22 00 00 00  02 00 00 00  00 00 00 00  03 00 00 00  01 01"), ()),
-    ("set_irqs DATA_BOOL too many", m.SetIrqs.unpack,
-     h("16 00 00 00  22 00 00 00  02 00 00 00  00 00 00 00  01 00 00 00  01 01"), ()),
-    ("set_irqs data without DATA_BOOL", m.SetIrqs.unpack,
-     h("15 00 00 00  21 00 00 00  02 00 00 00  00 00 00 00  01 00 00 00  01"), ()),
+    (
+        "set_irqs fds without DATA_EVENTFD",
+        m.SetIrqs.unpack,
+        h("14 00 00 00  21 00 00 00  02 00 00 00  00 00 00 00  01 00 00 00"),
+        (5,),
+    ),
+    (
+        "set_irqs DATA_BOOL too few",
+        m.SetIrqs.unpack,
+        h("16 00 00 00  22 00 00 00  02 00 00 00  00 00 00 00  03 00 00 00  01 01"),
+        (),
+    ),
+    (
+        "set_irqs DATA_BOOL too many",
+        m.SetIrqs.unpack,
+        h("16 00 00 00  22 00 00 00  02 00 00 00  00 00 00 00  01 00 00 00  01 01"),
+        (),
+    ),
+    (
+        "set_irqs data without DATA_BOOL",
+        m.SetIrqs.unpack,
+        h("15 00 00 00  21 00 00 00  02 00 00 00  00 00 00 00  01 00 00 00  01"),
+        (),
+    ),
     ("region_read short", region_read, REGION_READ[:-1], ()),
     ("region_read with data", region_read, REGION_READ + b"x", ()),
     ("region_read fd", region_read, REGION_READ, (3,)),
     ("region_write missing data", region_write, REGION_READ + b"abc", ()),
     ("region_write extra data", region_write, REGION_READ + b"abcde", ()),
-    ("write_multi short", lambda p, f: m.unpack_region_write_multi(p, f),
-     REGION_WRITE_MULTI[:-1], ()),
-    ("write_multi count too big", lambda p, f: m.unpack_region_write_multi(p, f),
-     h("03 00 00 00 00 00 00 00") + REGION_WRITE_MULTI[8:], ()),
-    ("write_multi entry count 9", lambda p, f: m.unpack_region_write_multi(p, f),
-     h("01 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00  00 00 00 00  09 00 00 00")
-     + bytes(8), ()),
+    (
+        "write_multi short",
+        lambda p, f: m.unpack_region_write_multi(p, f),
+        REGION_WRITE_MULTI[:-1],
+        (),
+    ),
+    (
+        "write_multi count too big",
+        lambda p, f: m.unpack_region_write_multi(p, f),
+        h("03 00 00 00 00 00 00 00") + REGION_WRITE_MULTI[8:],
+        (),
+    ),
+    (
+        "write_multi entry count 9",
+        lambda p, f: m.unpack_region_write_multi(p, f),
+        h("01 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00  00 00 00 00  09 00 00 00") + bytes(8),
+        (),
+    ),
     ("write_multi fd", lambda p, f: m.unpack_region_write_multi(p, f), REGION_WRITE_MULTI, (3,)),
     ("write_multi empty", lambda p, f: m.unpack_region_write_multi(p, f), bytes(7), ()),
     ("dma access short", m.DmaAccess.unpack, bytes(15), ()),
@@ -681,8 +724,9 @@ u64 = st.integers(0, 2**64 - 1)
 fd_numbers = st.integers(0, 2**31 - 1)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -696,10 +740,12 @@ def test_header_round_trip(msg_id: int, command: int, size: int, flags: int, err
 
 @settings(max_examples=200, deadline=None)
 @given(u16, u16, st.binary(max_size=64), st.booleans(), st.booleans(), u32)
-def test_encode_message_round_trip(msg_id: int, command: int, payload: bytes, reply: bool,
-                                   no_reply: bool, error: int) -> None:
-    encoded = m.encode_message(msg_id, command, payload, reply=reply, error=error,
-                               no_reply=no_reply)
+def test_encode_message_round_trip(
+    msg_id: int, command: int, payload: bytes, reply: bool, no_reply: bool, error: int
+) -> None:
+    encoded = m.encode_message(
+        msg_id, command, payload, reply=reply, error=error, no_reply=no_reply
+    )
     (frame,) = FrameDecoder().feed(encoded)
     assert frame.payload == payload
     header = frame.header
@@ -717,8 +763,9 @@ def test_version_round_trip(major: int, minor: int, caps: dict[str, object]) -> 
 
 @settings(max_examples=100, deadline=None)
 @given(u32, u64, u64, u64, st.none() | fd_numbers)
-def test_dma_map_round_trip(flags: int, offset: int, address: int, size: int,
-                            fd: int | None) -> None:
+def test_dma_map_round_trip(
+    flags: int, offset: int, address: int, size: int, fd: int | None
+) -> None:
     message = m.DmaMap(32, flags, offset, address, size, fd)
     assert m.DmaMap.unpack(message.pack(), () if fd is None else (fd,)) == message
 
@@ -747,8 +794,9 @@ def test_region_info_request_round_trip(argsz: int, index: int) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(u64, u64), max_size=4), u32, u32, u64, u64)
-def test_region_info_round_trip(areas: list[tuple[int, int]], index: int, flags: int,
-                                size: int, offset: int) -> None:
+def test_region_info_round_trip(
+    areas: list[tuple[int, int]], index: int, flags: int, size: int, offset: int
+) -> None:
     info = m.RegionInfo(index, flags, size, offset, tuple(m.SparseArea(*a) for a in areas))
     assert m.RegionInfo.unpack(info.pack_reply(1 << 16)) == (info, info.full_size())
     truncated, wanted = m.RegionInfo.unpack(info.pack_reply(32))
@@ -774,8 +822,9 @@ def test_set_irqs_bool_round_trip(index: int, start: int, bools: list[bool], fla
 
 @settings(max_examples=100, deadline=None)
 @given(u32, u32, st.lists(fd_numbers, max_size=8), st.booleans())
-def test_set_irqs_eventfd_round_trip(index: int, start: int, fds: list[int],
-                                     deassign: bool) -> None:
+def test_set_irqs_eventfd_round_trip(
+    index: int, start: int, fds: list[int], deassign: bool
+) -> None:
     count = len(fds)
     sent = () if deassign else tuple(fds)
     message = m.SetIrqs(0x24, index, start, count, b"", sent)
@@ -789,8 +838,7 @@ def test_region_access_round_trip(offset: int, region: int, data: bytes) -> None
     assert m.RegionAccess.unpack(write.pack(), with_data=True) == write
     read = m.RegionAccess(offset, region, len(data))
     assert m.RegionAccess.unpack(read.pack(), with_data=False) == read
-    assert m.parse_region_access(write.pack(), with_data=True) == (offset, region,
-                                                                   len(data), data)
+    assert m.parse_region_access(write.pack(), with_data=True) == (offset, region, len(data), data)
 
 
 @settings(max_examples=100, deadline=None)
@@ -825,10 +873,19 @@ def test_random_bytes_parse_or_raise_a_protocol_error(data: bytes) -> None:
         return
     for frame in frames:
         parsers: list[Callable[[bytes], object]] = [
-            m.Version.unpack, m.DmaMap.unpack, m.DmaUnmap.unpack, m.DeviceInfoRequest.unpack,
-            m.RegionInfoRequest.unpack, m.IrqInfoRequest.unpack, m.SetIrqs.unpack,
-            m.Empty.unpack, m.unpack_region_write_multi, m.DmaAccess.unpack,
-            m.DeviceInfo.unpack, m.IrqInfo.unpack, m.RegionInfo.unpack,
+            m.Version.unpack,
+            m.DmaMap.unpack,
+            m.DmaUnmap.unpack,
+            m.DeviceInfoRequest.unpack,
+            m.RegionInfoRequest.unpack,
+            m.IrqInfoRequest.unpack,
+            m.SetIrqs.unpack,
+            m.Empty.unpack,
+            m.unpack_region_write_multi,
+            m.DmaAccess.unpack,
+            m.DeviceInfo.unpack,
+            m.IrqInfo.unpack,
+            m.RegionInfo.unpack,
             lambda p: m.RegionAccess.unpack(p, with_data=True),
             lambda p: m.RegionAccess.unpack(p, with_data=False),
         ]
@@ -844,8 +901,13 @@ def test_random_bytes_parse_or_raise_a_protocol_error(data: bytes) -> None:
 def test_random_payloads_raise_only_malformed_message(payload: bytes) -> None:
     prefixes = [b"", h("00 00 00 00"), h("20 00 00 00"), h("14 00 00 00 22 00 00 00")]
     for prefix in prefixes:
-        for parse in (m.Version.unpack, m.SetIrqs.unpack, m.unpack_region_write_multi,
-                      m.DmaUnmap.unpack, m.RegionInfoRequest.unpack):
+        for parse in (
+            m.Version.unpack,
+            m.SetIrqs.unpack,
+            m.unpack_region_write_multi,
+            m.DmaUnmap.unpack,
+            m.RegionInfoRequest.unpack,
+        ):
             try:
                 parse(prefix + payload)
             except MalformedMessage:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from device.client import VfioUserClient
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.protocol.constants import PciRegion
-from device.server import Endpoint
-
-from .conftest import ServeInstance
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol.constants import PciRegion
+from device.vfio_user.server import Endpoint
+from tests.unit.conftest import ServeInstance
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # then waits to be killed.
 DOOMED_CLIENT = """
 import os, sys, time
-from device.client import VfioUserClient
+from device.vfio_user.client import VfioUserClient
 client = VfioUserClient.connect(sys.argv[1])
 ram = os.memfd_create("doomed-guest-ram")
 os.ftruncate(ram, 4 << 20)
@@ -56,8 +55,12 @@ def test_sigkilled_client_leaks_nothing_and_device_state_survives(endpoint: Endp
     fds_before = open_fds()
     threads_before = threading.active_count()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    doomed = subprocess.Popen([sys.executable, "-c", DOOMED_CLIENT, str(endpoint.path)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", DOOMED_CLIENT, str(endpoint.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert doomed.stdout is not None
         assert doomed.stdout.readline().strip() == "ready"

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.client import VfioUserClient
-from device.driver import DriverError, MgpuDriver
+from device.control.manager import GpuServer
+from device.errors import CapacityError
 from device.gpu import registers as regs
 from device.gpu.commands import COMMAND_SIZE, Opcode, encode
-from device.gpu.physical import CapacityError, PhysicalGpu
+from device.gpu.physical import PhysicalGpu
 from device.gpu.registers import ErrorCode
 from device.gpu.types import InstanceType
-from device.manager import GpuServer
-from device.protocol.constants import PciRegion
+from device.harness.driver import DriverError, MgpuDriver
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol.constants import PciRegion
 
 MiB = 1 << 20
 TYPES = (
@@ -121,8 +122,7 @@ def test_fragmented_quota_reports_no_memory(driver: MgpuDriver) -> None:
     assert exc.value.code == ErrorCode.NO_MEMORY
 
 
-def test_placed_resource_is_visible_in_the_aperture(server: GpuServer,
-                                                    driver: MgpuDriver) -> None:
+def test_placed_resource_is_visible_in_the_aperture(server: GpuServer, driver: MgpuDriver) -> None:
     device = server.instances["a"].device
     handle = driver.create(8192)
     offset = driver.place(handle)
@@ -130,8 +130,11 @@ def test_placed_resource_is_visible_in_the_aperture(server: GpuServer,
     pattern = bytes(range(256)) * 4
     source = driver.ram.alloc(len(pattern))
     driver.ram.write(source, pattern)
-    driver.run(encode(Opcode.WRITE_RESOURCE, guest_addr=source, handle=handle, offset=100,
-                      length=len(pattern)))
+    driver.run(
+        encode(
+            Opcode.WRITE_RESOURCE, guest_addr=source, handle=handle, offset=100, length=len(pattern)
+        )
+    )
     # The aperture (what QEMU maps as BAR2) shows the resource at the placed offset.
     assert bytes(device.aperture[offset + 100 : offset + 100 + len(pattern)]) == pattern
     region = driver.client.region_read(PciRegion.BAR2, offset + 100, 16)
@@ -152,8 +155,14 @@ def test_copy_commands_between_guest_memory_and_resources(driver: MgpuDriver) ->
     first, second = driver.create(size), driver.create(size + 100)
     driver.run(
         encode(Opcode.WRITE_RESOURCE, guest_addr=source, handle=first, offset=0, length=size),
-        encode(Opcode.COPY_RESOURCE, src_handle=first, src_offset=0, dst_handle=second,
-               dst_offset=100, length=size),
+        encode(
+            Opcode.COPY_RESOURCE,
+            src_handle=first,
+            src_offset=0,
+            dst_handle=second,
+            dst_offset=100,
+            length=size,
+        ),
         encode(Opcode.READ_RESOURCE, handle=second, offset=100, guest_addr=target, length=size),
     )
     assert driver.ram.read(target, size) == data
@@ -166,8 +175,14 @@ def test_fill_and_overlapping_copy(driver: MgpuDriver) -> None:
         encode(Opcode.FILL, handle=handle, offset=0, length=4096, value=0x11223344),
         encode(Opcode.FILL, handle=handle, offset=8, length=8, value=0xAABBCCDD),
         # Overlapping move within one resource: bytes 0..32 to 4..36.
-        encode(Opcode.COPY_RESOURCE, src_handle=handle, src_offset=0, dst_handle=handle,
-               dst_offset=4, length=32),
+        encode(
+            Opcode.COPY_RESOURCE,
+            src_handle=handle,
+            src_offset=0,
+            dst_handle=handle,
+            dst_offset=4,
+            length=32,
+        ),
         encode(Opcode.READ_RESOURCE, handle=handle, offset=0, guest_addr=out, length=4096),
     )
     words = struct.unpack("<1024I", driver.ram.read(out, 4096))
@@ -185,14 +200,21 @@ def test_blit_copies_a_rectangle_between_pitches(driver: MgpuDriver) -> None:
     staging, out = driver.ram.alloc(image.size), driver.ram.alloc(dst_pitch * height)
     driver.ram.write(staging, image.tobytes())
     driver.run(
-        encode(Opcode.WRITE_RESOURCE, guest_addr=staging, handle=src, offset=0,
-               length=image.size),
+        encode(Opcode.WRITE_RESOURCE, guest_addr=staging, handle=src, offset=0, length=image.size),
         encode(Opcode.FILL, handle=dst, offset=0, length=dst_pitch * height, value=0),
-        encode(Opcode.BLIT, src_handle=src, src_offset=3, src_pitch=src_pitch,
-               dst_handle=dst, dst_offset=5, dst_pitch=dst_pitch,
-               extent=width | height << 32),
-        encode(Opcode.READ_RESOURCE, handle=dst, offset=0, guest_addr=out,
-               length=dst_pitch * height),
+        encode(
+            Opcode.BLIT,
+            src_handle=src,
+            src_offset=3,
+            src_pitch=src_pitch,
+            dst_handle=dst,
+            dst_offset=5,
+            dst_pitch=dst_pitch,
+            extent=width | height << 32,
+        ),
+        encode(
+            Opcode.READ_RESOURCE, handle=dst, offset=0, guest_addr=out, length=dst_pitch * height
+        ),
     )
     result = np.frombuffer(driver.ram.read(out, dst_pitch * height), dtype=np.uint8)
     result = result.reshape(height, dst_pitch)
@@ -208,27 +230,57 @@ def test_saxpy_and_matmul_compute_float32_results(driver: MgpuDriver) -> None:
     m, n, k = 9, 7, 13
     a = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal((k, n), dtype=np.float32)
-    handles = {name: driver.create(size) for name, size in
-               (("x", x.nbytes), ("y", y.nbytes), ("a", a.nbytes), ("b", b.nbytes),
-                ("c", m * n * 4))}
+    handles = {
+        name: driver.create(size)
+        for name, size in (
+            ("x", x.nbytes),
+            ("y", y.nbytes),
+            ("a", a.nbytes),
+            ("b", b.nbytes),
+            ("c", m * n * 4),
+        )
+    }
     commands = []
     for name, array in (("x", x), ("y", y), ("a", a), ("b", b)):
         address = driver.ram.alloc(array.nbytes)
         driver.ram.write(address, array.tobytes())
-        commands.append(encode(Opcode.WRITE_RESOURCE, guest_addr=address,
-                               handle=handles[name], offset=0, length=array.nbytes))
+        commands.append(
+            encode(
+                Opcode.WRITE_RESOURCE,
+                guest_addr=address,
+                handle=handles[name],
+                offset=0,
+                length=array.nbytes,
+            )
+        )
     y_out, c_out = driver.ram.alloc(y.nbytes), driver.ram.alloc(m * n * 4)
     alpha_bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
     driver.run(
         *commands,
-        encode(Opcode.SAXPY, x_handle=handles["x"], x_offset=0, y_handle=handles["y"],
-               y_offset=0, count=1000, alpha=alpha_bits),
-        encode(Opcode.MATMUL, a_handle=handles["a"], b_handle=handles["b"],
-               c_handle=handles["c"], m=m, n=n, k=k),
-        encode(Opcode.READ_RESOURCE, handle=handles["y"], offset=0, guest_addr=y_out,
-               length=y.nbytes),
-        encode(Opcode.READ_RESOURCE, handle=handles["c"], offset=0, guest_addr=c_out,
-               length=m * n * 4),
+        encode(
+            Opcode.SAXPY,
+            x_handle=handles["x"],
+            x_offset=0,
+            y_handle=handles["y"],
+            y_offset=0,
+            count=1000,
+            alpha=alpha_bits,
+        ),
+        encode(
+            Opcode.MATMUL,
+            a_handle=handles["a"],
+            b_handle=handles["b"],
+            c_handle=handles["c"],
+            m=m,
+            n=n,
+            k=k,
+        ),
+        encode(
+            Opcode.READ_RESOURCE, handle=handles["y"], offset=0, guest_addr=y_out, length=y.nbytes
+        ),
+        encode(
+            Opcode.READ_RESOURCE, handle=handles["c"], offset=0, guest_addr=c_out, length=m * n * 4
+        ),
     )
     got_y = np.frombuffer(driver.ram.read(y_out, y.nbytes), dtype=np.float32)
     np.testing.assert_allclose(got_y, alpha * x + y, rtol=1e-6)
@@ -266,23 +318,36 @@ def test_masked_interrupt_stays_pending_without_msix(driver: MgpuDriver) -> None
 
 
 BAD_COMMANDS = [
-    (encode(Opcode.COPY_RESOURCE, src_handle=0x999, dst_handle=1, length=4),
-     ErrorCode.INVALID_HANDLE),
+    (
+        encode(Opcode.COPY_RESOURCE, src_handle=0x999, dst_handle=1, length=4),
+        ErrorCode.INVALID_HANDLE,
+    ),
     (encode(Opcode.FILL, handle=1, offset=4096, length=4, value=0), ErrorCode.OUT_OF_BOUNDS),
     (encode(Opcode.FILL, handle=1, offset=0, length=3, value=0), ErrorCode.INVALID_ARGUMENT),
-    (encode(Opcode.WRITE_RESOURCE, guest_addr=0xDEAD_0000_0000, handle=1, length=16),
-     ErrorCode.DMA_FAULT),
+    (
+        encode(Opcode.WRITE_RESOURCE, guest_addr=0xDEAD_0000_0000, handle=1, length=16),
+        ErrorCode.DMA_FAULT,
+    ),
     (encode(Opcode.READ_RESOURCE, handle=1, guest_addr=0x10, length=16), ErrorCode.DMA_FAULT),
-    (encode(Opcode.COPY_RESOURCE, src_handle=1, dst_handle=1, length=0),
-     ErrorCode.INVALID_ARGUMENT),
-    (encode(Opcode.MATMUL, a_handle=1, b_handle=1, c_handle=1, m=0, n=1, k=1),
-     ErrorCode.INVALID_ARGUMENT),
-    (encode(Opcode.MATMUL, a_handle=1, b_handle=1, c_handle=1, m=64, n=64, k=64),
-     ErrorCode.OUT_OF_BOUNDS),
-    (encode(Opcode.SAXPY, x_handle=1, x_offset=2, y_handle=1, count=4),
-     ErrorCode.INVALID_ARGUMENT),
-    (encode(Opcode.BLIT, src_handle=1, src_pitch=4, dst_handle=1, dst_pitch=4,
-            extent=8 | 1 << 32), ErrorCode.INVALID_ARGUMENT),
+    (
+        encode(Opcode.COPY_RESOURCE, src_handle=1, dst_handle=1, length=0),
+        ErrorCode.INVALID_ARGUMENT,
+    ),
+    (
+        encode(Opcode.MATMUL, a_handle=1, b_handle=1, c_handle=1, m=0, n=1, k=1),
+        ErrorCode.INVALID_ARGUMENT,
+    ),
+    (
+        encode(Opcode.MATMUL, a_handle=1, b_handle=1, c_handle=1, m=64, n=64, k=64),
+        ErrorCode.OUT_OF_BOUNDS,
+    ),
+    (encode(Opcode.SAXPY, x_handle=1, x_offset=2, y_handle=1, count=4), ErrorCode.INVALID_ARGUMENT),
+    (
+        encode(
+            Opcode.BLIT, src_handle=1, src_pitch=4, dst_handle=1, dst_pitch=4, extent=8 | 1 << 32
+        ),
+        ErrorCode.INVALID_ARGUMENT,
+    ),
     (struct.pack("<II7Q", 0x77, 0, *[0] * 7), ErrorCode.INVALID_COMMAND),
     (struct.pack("<II7Q", Opcode.NOP, 1, *[0] * 7), ErrorCode.INVALID_COMMAND),
 ]
@@ -304,8 +369,9 @@ def test_bad_command_halts_ring_with_error_and_interrupt(
     assert driver.read("ERROR_RING_OFFSET") == 0
     assert driver.read(driver.ctx("FENCE_LO")) == 0, "commands after the bad one ran"
     driver.drain_interrupts()
-    assert driver.interrupts_seen[regs.INT_VECTORS[regs.IntBit.ERROR]] > errors_before or \
-        driver.wait_interrupt(regs.IntBit.ERROR), "no error interrupt"
+    assert driver.interrupts_seen[
+        regs.INT_VECTORS[regs.IntBit.ERROR]
+    ] > errors_before or driver.wait_interrupt(regs.IntBit.ERROR), "no error interrupt"
     # Re-enabling the ring recovers; the device is fine.
     driver.setup_ring()
     driver.run(encode(Opcode.FILL, handle=handle, offset=0, length=4, value=1))
@@ -340,8 +406,10 @@ def test_ring_wraps_around(driver: MgpuDriver) -> None:
     out = driver.ram.alloc(4)
     per_ring = driver.ring_size // COMMAND_SIZE
     for round_ in range(3):
-        commands = [encode(Opcode.FILL, handle=handle, offset=0, length=4, value=i)
-                    for i in range(per_ring // 2)]
+        commands = [
+            encode(Opcode.FILL, handle=handle, offset=0, length=4, value=i)
+            for i in range(per_ring // 2)
+        ]
         driver.run(*commands)
         assert round_ >= 0
     driver.run(encode(Opcode.READ_RESOURCE, handle=handle, offset=0, guest_addr=out, length=4))
@@ -393,11 +461,14 @@ def test_two_instances_cannot_reach_each_others_resources(
         # B's handle space is its own: A's handle means nothing (or B's own) there.
         mine = driver_b.create(4096)
         out = driver_b.ram.alloc(4096)
-        driver_b.run(encode(Opcode.READ_RESOURCE, handle=mine, offset=0, guest_addr=out,
-                            length=4096))
+        driver_b.run(
+            encode(Opcode.READ_RESOURCE, handle=mine, offset=0, guest_addr=out, length=4096)
+        )
         assert driver_b.ram.read(out, 4096) == bytes(4096)
-        driver_b.submit(encode(Opcode.READ_RESOURCE, handle=secret + 1, offset=0,
-                               guest_addr=out, length=4096), driver_b.fence())
+        driver_b.submit(
+            encode(Opcode.READ_RESOURCE, handle=secret + 1, offset=0, guest_addr=out, length=4096),
+            driver_b.fence(),
+        )
         with pytest.raises(DriverError) as exc:
             driver_b.wait_fence(driver_b.fence_value, timeout=10)
         assert exc.value.code == ErrorCode.INVALID_HANDLE
@@ -405,8 +476,10 @@ def test_two_instances_cannot_reach_each_others_resources(
         a, b = server.instances["a"].device, other.device
         a_info, _ = a.region_info(PciRegion.BAR2)
         b_info, _ = b.region_info(PciRegion.BAR2)
-        assert a_info.offset + a.aperture_size <= b_info.offset or \
-            b_info.offset + b.aperture_size <= a_info.offset
+        assert (
+            a_info.offset + a.aperture_size <= b_info.offset
+            or b_info.offset + b.aperture_size <= a_info.offset
+        )
         # B's aperture never shows A's data.
         assert b"\xde\xc0" not in bytes(b.aperture)
         driver_b.close()
@@ -415,8 +488,9 @@ def test_two_instances_cannot_reach_each_others_resources(
     assert server.available_instances()["small"] >= 1
 
 
-def test_msi_mode_has_msi_capability_and_raises_msi_vectors(server: GpuServer,
-                                                            workdir: Path) -> None:
+def test_msi_mode_has_msi_capability_and_raises_msi_vectors(
+    server: GpuServer, workdir: Path
+) -> None:
     served = server.create_instance("m", "small", workdir / "m.sock", interrupts="msi")
     with VfioUserClient.connect(served.endpoint.path) as client:
         config = client.region_read(PciRegion.CONFIG, 0, 256)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from device.client import BytearrayMemory, VfioUserClient
+from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.protocol.constants import PciIrq, PciRegion
-from device.protocol.errors import VfioUserError
-from device.server import Endpoint
+from device.vfio_user.client import BytearrayMemory, VfioUserClient
+from device.vfio_user.protocol.constants import PciIrq, PciRegion
+from device.vfio_user.server import Endpoint
 
 GUEST_BASE = 0x10_0000
 GUEST_SIZE = 4 << 20
@@ -170,8 +170,10 @@ def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers() -
     memory = BytearrayMemory(GUEST_BASE, 1 << 20)
     memory.write(GUEST_BASE, b"late answer")
     try:
-        with VfioUserClient.connect(endpoints[0].path) as slow, \
-                VfioUserClient.connect(endpoints[1].path) as other:
+        with (
+            VfioUserClient.connect(endpoints[0].path) as slow,
+            VfioUserClient.connect(endpoints[1].path) as other,
+        ):
             slow.guest_memory = memory
             slow.dma_map(GUEST_BASE, 1 << 20)
             slow.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_LO"), GUEST_BASE)

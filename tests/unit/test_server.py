@@ -20,15 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device.client import VfioUserClient
+from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.protocol import messages as m
-from device.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
-from device.protocol.errors import VfioUserError
-from device.server import Endpoint
-
-from .conftest import ServeInstance
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol import messages as m
+from device.vfio_user.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
+from device.vfio_user.server import Endpoint
+from tests.unit.conftest import ServeInstance
 
 APERTURE = 256 << 20
 SCRATCH = regs.BY_NAME["SCRATCH"].offset
@@ -65,8 +64,9 @@ def device_of(endpoint: Endpoint) -> GpuInstance:
     return endpoint.device
 
 
-def raw_exchange(client: VfioUserClient, data: bytes, fds: tuple[int, ...] = (),
-                 expect_reply: bool = True) -> m.Header | None:
+def raw_exchange(
+    client: VfioUserClient, data: bytes, fds: tuple[int, ...] = (), expect_reply: bool = True
+) -> m.Header | None:
     client.send_raw(data, fds)
     if not expect_reply:
         return None
@@ -102,8 +102,13 @@ def close_all(fds: tuple[int, ...]) -> None:
 
 def test_version_reply_is_0_0_and_never_longer_than_the_request(endpoint: Endpoint) -> None:
     requests: list[dict[str, object]] = [
-        {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20, "pgsizes": 4096,
-         "max_dma_maps": 65535, "migration": {"pgsize": 4096}},  # like QEMU
+        {
+            "max_msg_fds": 16,
+            "max_data_xfer_size": 1 << 20,
+            "pgsizes": 4096,
+            "max_dma_maps": 65535,
+            "migration": {"pgsize": 4096},
+        },  # like QEMU
         {"pgsizes": 4096},
         {"max_msg_fds": 1},  # our value (16) is longer than the client's: left out
         {"x": 1},
@@ -123,8 +128,12 @@ def test_version_reply_is_0_0_and_never_longer_than_the_request(endpoint: Endpoi
 
 def test_commands_before_version_are_refused_with_einval(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path, negotiate=False) as client:
-        for call in (client.device_info, lambda: client.read32(0, 0), client.reset,
-                     lambda: client.region_info(0)):
+        for call in (
+            client.device_info,
+            lambda: client.read32(0, 0),
+            client.reset,
+            lambda: client.region_info(0),
+        ):
             with pytest.raises(VfioUserError) as exc:
                 call()
             assert exc.value.errno == errno.EINVAL
@@ -292,9 +301,12 @@ def test_read_only_config_bytes_ignore_writes(endpoint: Endpoint) -> None:
         client.region_write(PciRegion.CONFIG, 0, b"\x00" * 4096)
         after = read_config(client)
         for start, end, what in [
-            (0x00, 0x04, "vendor and device IDs"), (0x08, 0x0C, "revision and class"),
-            (0x0E, 0x0F, "header type"), (0x2C, 0x30, "subsystem IDs"),
-            (0x34, 0x35, "capability pointer"), (0x3D, 0x3E, "interrupt pin"),
+            (0x00, 0x04, "vendor and device IDs"),
+            (0x08, 0x0C, "revision and class"),
+            (0x0E, 0x0F, "header type"),
+            (0x2C, 0x30, "subsystem IDs"),
+            (0x34, 0x35, "capability pointer"),
+            (0x3D, 0x3E, "interrupt pin"),
             (caps[0x01], caps[0x01] + 4, "PM header and capabilities"),
             (caps[0x11], caps[0x11] + 2, "MSI-X header"),
             (caps[0x11] + 4, caps[0x11] + 12, "MSI-X table and PBA"),
@@ -351,8 +363,15 @@ def test_read_only_registers_ignore_writes(endpoint: Endpoint) -> None:
 
 def test_accesses_past_the_bar_fail_with_einval(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path) as client:
-        for region, offset, count in ((0, 64 * 1024 - 2, 4), (0, 64 * 1024, 4), (4, 16 * 1024, 4),
-                                      (2, APERTURE - 1, 2), (1, 0, 4), (8, 0, 1), (42, 0, 4)):
+        for region, offset, count in (
+            (0, 64 * 1024 - 2, 4),
+            (0, 64 * 1024, 4),
+            (4, 16 * 1024, 4),
+            (2, APERTURE - 1, 2),
+            (1, 0, 4),
+            (8, 0, 1),
+            (42, 0, 4),
+        ):
             with pytest.raises(VfioUserError) as exc:
                 client.region_read(region, offset, count)
             assert exc.value.errno == errno.EINVAL, (region, offset)
@@ -454,9 +473,7 @@ def test_dma_unmap_reply_echoes_the_request(endpoint: Endpoint) -> None:
         assert reply.payload == request
 
 
-def test_dma_map_of_an_fd_that_cannot_be_mapped_is_refused_and_closed(
-    endpoint: Endpoint
-) -> None:
+def test_dma_map_of_an_fd_that_cannot_be_mapped_is_refused_and_closed(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path) as client:
         with_client = open_fds()
         (fd,) = eventfds(1)
@@ -541,7 +558,7 @@ def test_bad_set_irqs_are_refused_and_their_fds_closed(endpoint: Endpoint) -> No
 
 
 def test_mask_unmask_keeps_an_interrupt_pending_and_err_req_take_eventfds(
-    endpoint: Endpoint
+    endpoint: Endpoint,
 ) -> None:
     device = device_of(endpoint)
     with VfioUserClient.connect(endpoint.path) as client:
@@ -638,14 +655,19 @@ def test_malformed_payloads_get_an_errno_and_the_session_goes_on(
 
 def test_pipelined_requests_are_answered_in_order(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path) as client:
-        read_id = m.encode_message(10, Command.REGION_READ, m.RegionAccess(0, 0, 4).pack(),
-                                   reply=False)
+        read_id = m.encode_message(
+            10, Command.REGION_READ, m.RegionAccess(0, 0, 4).pack(), reply=False
+        )
         bad = m.encode_message(11, Command.REGION_READ, b"short", reply=False)
-        write = m.encode_message(12, Command.REGION_WRITE,
-                                 m.RegionAccess(SCRATCH, 0, 4, b"\x01\x02\x03\x04").pack(),
-                                 reply=False)
-        read_scratch = m.encode_message(13, Command.REGION_READ,
-                                        m.RegionAccess(SCRATCH, 0, 4).pack(), reply=False)
+        write = m.encode_message(
+            12,
+            Command.REGION_WRITE,
+            m.RegionAccess(SCRATCH, 0, 4, b"\x01\x02\x03\x04").pack(),
+            reply=False,
+        )
+        read_scratch = m.encode_message(
+            13, Command.REGION_READ, m.RegionAccess(SCRATCH, 0, 4).pack(), reply=False
+        )
         client.send_raw(read_id + bad + write + read_scratch)
         replies = [client.receive() for _ in range(4)]
         assert [r.header.msg_id for r in replies] == [10, 11, 12, 13]
@@ -657,10 +679,12 @@ def test_pipelined_requests_are_answered_in_order(endpoint: Endpoint) -> None:
 def test_replies_from_the_client_get_no_answer(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path) as client:
         for command in (Command.DMA_READ, Command.REGION_READ, 99):
-            raw_exchange(client, m.encode_message(9, command, b"stray", reply=True),
-                         expect_reply=False)
-        raw_exchange(client, m.encode_message(9, 1, b"", reply=True, error=errno.EIO),
-                     expect_reply=False)
+            raw_exchange(
+                client, m.encode_message(9, command, b"stray", reply=True), expect_reply=False
+            )
+        raw_exchange(
+            client, m.encode_message(9, 1, b"", reply=True, error=errno.EIO), expect_reply=False
+        )
         # Had anything been answered, this request would get the wrong reply (the
         # client checks the id and raises).
         assert client.read32(0, 0) == regs.ID_VALUE
@@ -669,30 +693,44 @@ def test_replies_from_the_client_get_no_answer(endpoint: Endpoint) -> None:
 
 def test_no_reply_commands_get_no_answer_even_when_refused(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path) as client:
-        raw_exchange(client, m.encode_message(10, 99, b"bad", reply=False, no_reply=True),
-                     expect_reply=False)
-        raw_exchange(client, m.encode_message(11, Command.REGION_READ, b"x", reply=False,
-                                              no_reply=True), expect_reply=False)
+        raw_exchange(
+            client, m.encode_message(10, 99, b"bad", reply=False, no_reply=True), expect_reply=False
+        )
+        raw_exchange(
+            client,
+            m.encode_message(11, Command.REGION_READ, b"x", reply=False, no_reply=True),
+            expect_reply=False,
+        )
         write = m.RegionAccess(SCRATCH, 0, 4, b"\x01\0\0\0").pack()
-        raw_exchange(client, m.encode_message(12, Command.REGION_WRITE, write, reply=False,
-                                              no_reply=True), expect_reply=False)
+        raw_exchange(
+            client,
+            m.encode_message(12, Command.REGION_WRITE, write, reply=False, no_reply=True),
+            expect_reply=False,
+        )
         # The next answer is for the next request, with its id: the stream is in sync.
         reply = client.request(Command.REGION_READ, m.RegionAccess(SCRATCH, 0, 4).pack())
         assert reply.payload[16:] == b"\x01\0\0\0", "the posted write was applied"
-        header = raw_exchange(client, m.encode_message(0xBEEF, Command.REGION_READ,
-                                                       m.RegionAccess(0, 0, 4).pack(),
-                                                       reply=False))
+        header = raw_exchange(
+            client,
+            m.encode_message(
+                0xBEEF, Command.REGION_READ, m.RegionAccess(0, 0, 4).pack(), reply=False
+            ),
+        )
         assert header is not None and header.msg_id == 0xBEEF and not header.is_error
 
 
 def test_region_write_multi_is_applied_in_order(endpoint: Endpoint) -> None:
     entries = [(SCRATCH, 0, 4, b"\x01\x02\x03\x04"), (SCRATCH + 3, 0, 1, b"\xff")]
     payload = struct.pack("<Q", len(entries)) + b"".join(
-        struct.pack("<QII8s", *entry) for entry in entries)
+        struct.pack("<QII8s", *entry) for entry in entries
+    )
     with VfioUserClient.connect(endpoint.path) as client:
         # QEMU sends these with No_reply, like posted writes.
-        raw_exchange(client, m.encode_message(50, Command.REGION_WRITE_MULTI, payload,
-                                              reply=False, no_reply=True), expect_reply=False)
+        raw_exchange(
+            client,
+            m.encode_message(50, Command.REGION_WRITE_MULTI, payload, reply=False, no_reply=True),
+            expect_reply=False,
+        )
         assert client.read32(0, SCRATCH) == 0xFF030201
 
 
@@ -708,24 +746,35 @@ def test_unexpected_fds_are_refused_and_closed(endpoint: Endpoint) -> None:
         ]:
             fds = eventfds(5)
             header = raw_exchange(
-                client, m.encode_message(msg_id, command, payload, reply=False), fds)
+                client, m.encode_message(msg_id, command, payload, reply=False), fds
+            )
             assert header is not None and header.is_error and header.msg_id == msg_id
             assert header.error == (errno.ENOTSUP if command == 99 else errno.EINVAL)
             close_all(fds)
             assert open_fds() == with_client, f"the server closed the fds ({command})"
         # fds on a no-reply message and on a reply from the client: closed as well.
         fds = eventfds(3)
-        raw_exchange(client, m.encode_message(7, Command.REGION_READ, b"", reply=False,
-                                              no_reply=True), fds, expect_reply=False)
-        raw_exchange(client, m.encode_message(8, Command.DMA_READ, b"", reply=True), fds,
-                     expect_reply=False)
+        raw_exchange(
+            client,
+            m.encode_message(7, Command.REGION_READ, b"", reply=False, no_reply=True),
+            fds,
+            expect_reply=False,
+        )
+        raw_exchange(
+            client, m.encode_message(8, Command.DMA_READ, b"", reply=True), fds, expect_reply=False
+        )
         close_all(fds)
         assert client.read32(0, 0) == regs.ID_VALUE
         assert open_fds() == with_client
         # More eventfds than the index has vectors: refused, closed.
         many = eventfds(20)
-        header = raw_exchange(client, m.encode_message(
-            9, Command.DEVICE_SET_IRQS, m.SetIrqs(0x24, 2, 0, 20).pack(), reply=False), many)
+        header = raw_exchange(
+            client,
+            m.encode_message(
+                9, Command.DEVICE_SET_IRQS, m.SetIrqs(0x24, 2, 0, 20).pack(), reply=False
+            ),
+            many,
+        )
         assert header is not None and header.is_error
         close_all(many)
         assert open_fds() == with_client
@@ -737,8 +786,12 @@ def test_more_fds_than_one_read_can_carry_disconnects_without_a_leak(endpoint: E
     before = open_fds()
     with VfioUserClient.connect(endpoint.path) as client:
         fds = eventfds(70)
-        client.send_raw(m.encode_message(3, Command.DEVICE_SET_IRQS,
-                                         m.SetIrqs(0x24, 2, 0, 70).pack(), reply=False), fds)
+        client.send_raw(
+            m.encode_message(
+                3, Command.DEVICE_SET_IRQS, m.SetIrqs(0x24, 2, 0, 70).pack(), reply=False
+            ),
+            fds,
+        )
         close_all(fds)
         assert_hung_up(client)
     wait_served(endpoint, 1)
@@ -764,8 +817,9 @@ def test_broken_framing_disconnects_that_client_only(endpoint: Endpoint, size: i
 def test_a_large_message_split_over_many_reads_is_served(endpoint: Endpoint) -> None:
     data = bytes(range(256)) * 4096  # 1 MiB: the most one message may carry
     with VfioUserClient.connect(endpoint.path) as client:
-        message = m.encode_message(1, Command.REGION_WRITE,
-                                   m.RegionAccess(0, 2, len(data), data).pack(), reply=False)
+        message = m.encode_message(
+            1, Command.REGION_WRITE, m.RegionAccess(0, 2, len(data), data).pack(), reply=False
+        )
         for start in range(0, len(message), 100_003):
             client.send_raw(message[start : start + 100_003])
         header = client.receive().header
@@ -773,18 +827,17 @@ def test_a_large_message_split_over_many_reads_is_served(endpoint: Endpoint) -> 
         assert client.region_read(2, 0, len(data)) == data
 
 
-def test_broken_framing_right_after_a_message_with_fds_leaks_nothing(
-    endpoint: Endpoint
-) -> None:
+def test_broken_framing_right_after_a_message_with_fds_leaks_nothing(endpoint: Endpoint) -> None:
     before = open_fds()
-    message = m.encode_message(1, Command.REGION_READ, m.RegionAccess(0, 0, 4).pack(),
-                               reply=False)
+    message = m.encode_message(1, Command.REGION_READ, m.RegionAccess(0, 0, 4).pack(), reply=False)
     with VfioUserClient.connect(endpoint.path) as client:
         fds = eventfds(3)
         client.send_raw(message[:10], fds)  # the message starts, with fds
         close_all(fds)
-        wait_for(lambda: endpoint.connection is not None
-                 and endpoint.connection.decoder.buffered == 10, "the server to read it")
+        wait_for(
+            lambda: endpoint.connection is not None and endpoint.connection.decoder.buffered == 10,
+            "the server to read it",
+        )
         # Its end and a broken header arrive together, in one read.
         client.send_raw(message[10:] + struct.pack("<HHIII", 2, 9, 4, 0, 0))
         assert_hung_up(client)
@@ -808,9 +861,12 @@ def test_client_vanishing_mid_message_leaves_nothing_but_device_state(
         close_all(fds)
         assert len(session.dma) == 2 and session.irqs.assigned(PciIrq.MSIX) == list(range(8))
         pending = eventfds(2)
-        client.send_raw(m.encode_message(1, Command.DEVICE_SET_IRQS,
-                                         m.SetIrqs(0x24, 2, 0, 2).pack(), reply=False)[:20],
-                        pending)  # the message never completes
+        client.send_raw(
+            m.encode_message(
+                1, Command.DEVICE_SET_IRQS, m.SetIrqs(0x24, 2, 0, 2).pack(), reply=False
+            )[:20],
+            pending,
+        )  # the message never completes
         close_all(pending)
     wait_served(endpoint, 1)
     assert endpoint.session is None
@@ -841,8 +897,9 @@ def test_a_second_client_waits_until_the_first_leaves(endpoint: Endpoint) -> Non
     first = VfioUserClient.connect(endpoint.path)
     second = VfioUserClient.connect(endpoint.path, negotiate=False, timeout=5)
     try:
-        second.send_raw(m.encode_message(1, Command.VERSION, m.Version(0, 0, {}).pack(),
-                                         reply=False))
+        second.send_raw(
+            m.encode_message(1, Command.VERSION, m.Version(0, 0, {}).pack(), reply=False)
+        )
         assert first.read32(0, 0) == regs.ID_VALUE
         first.close()
         header = second.receive().header  # answered once the first is gone
@@ -892,16 +949,21 @@ VALID_PAYLOADS: dict[int, bytes] = {
 
 fuzz_payloads = st.one_of(
     st.binary(max_size=80),
-    st.tuples(st.sampled_from(sorted(VALID_PAYLOADS.values())), st.integers(0, 80),
-              st.binary(max_size=8)).map(lambda t: t[0][: t[1]] + t[2]),
+    st.tuples(
+        st.sampled_from(sorted(VALID_PAYLOADS.values())), st.integers(0, 80), st.binary(max_size=8)
+    ).map(lambda t: t[0][: t[1]] + t[2]),
 )
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(command=st.sampled_from([*range(0, 20), 99, 65535]),
-       flags=st.sampled_from([0, 0x10, 0x1, 0x20, 0x11, 0x2, 0xF]) | st.integers(0, 2**32 - 1),
-       payload=fuzz_payloads, fd_count=st.integers(0, 3))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    command=st.sampled_from([*range(0, 20), 99, 65535]),
+    flags=st.sampled_from([0, 0x10, 0x1, 0x20, 0x11, 0x2, 0xF]) | st.integers(0, 2**32 - 1),
+    payload=fuzz_payloads,
+    fd_count=st.integers(0, 3),
+)
 def test_fuzz_well_framed_messages_get_an_answer_or_silence_and_stay_in_sync(
     endpoint: Endpoint, command: int, flags: int, payload: bytes, fd_count: int
 ) -> None:
@@ -924,11 +986,13 @@ def test_fuzz_well_framed_messages_get_an_answer_or_silence_and_stay_in_sync(
     assert open_fds() == before
 
 
-@settings(max_examples=100, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.binary(min_size=1, max_size=300), negotiate=st.booleans())
-def test_fuzz_random_bytes_never_crash_or_leak(endpoint: Endpoint, data: bytes,
-                                               negotiate: bool) -> None:
+def test_fuzz_random_bytes_never_crash_or_leak(
+    endpoint: Endpoint, data: bytes, negotiate: bool
+) -> None:
     """Random bytes: errno replies or a hang-up, never a crash; after each example a new
     client is served correctly and no fd is left over."""
     before = open_fds()
@@ -947,9 +1011,7 @@ def test_fuzz_random_bytes_never_crash_or_leak(endpoint: Endpoint, data: bytes,
     assert open_fds() == before
 
 
-def test_two_devices_one_hammered_the_other_keeps_answering(
-    serve_instance: ServeInstance
-) -> None:
+def test_two_devices_one_hammered_the_other_keeps_answering(serve_instance: ServeInstance) -> None:
     victim = serve_instance(name="victim")
     bystander = serve_instance(name="bystander")
     stop = threading.Event()
@@ -997,7 +1059,7 @@ def test_two_devices_one_hammered_the_other_keeps_answering(
 
 
 def test_message_dma_honours_the_clients_max_data_xfer_size(endpoint: Endpoint) -> None:
-    from device.client import BytearrayMemory
+    from device.vfio_user.client import BytearrayMemory
 
     memory = BytearrayMemory(0x100000, 1 << 20)
     memory.write(0x100000, bytes(range(256)) * 40)
@@ -1005,8 +1067,10 @@ def test_message_dma_honours_the_clients_max_data_xfer_size(endpoint: Endpoint) 
         client.version({"max_msg_fds": 8, "max_data_xfer_size": 4096})
         client.guest_memory = memory
         client.dma_map(0x100000, 1 << 20)
-        reg = {name: regs.BY_NAME[name].offset for name in
-               ("DMA_GUEST_ADDR_LO", "DMA_LENGTH", "DMA_CONTROL", "DMA_STATUS")}
+        reg = {
+            name: regs.BY_NAME[name].offset
+            for name in ("DMA_GUEST_ADDR_LO", "DMA_LENGTH", "DMA_CONTROL", "DMA_STATUS")
+        }
         client.write32(0, reg["DMA_GUEST_ADDR_LO"], 0x100000)
         client.write32(0, reg["DMA_LENGTH"], 10240)
         client.write32(0, reg["DMA_CONTROL"], regs.DmaCommand.TO_APERTURE)

@@ -9,13 +9,14 @@ import sys
 import threading
 from pathlib import Path
 
-from .fuse.server import FuseUnavailable
-from .gpu.aperture import DeniedPolicy, MappingMode
-from .gpu.instance import INTERRUPT_MODES
-from .gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, CapacityError, PhysicalGpu
-from .gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
-from .manager import GpuServer
-from .server import SocketPathError
+from device.control.manager import GpuServer
+from device.errors import CapacityError
+from device.fuse.server import FuseUnavailable
+from device.gpu.aperture import DeniedPolicy, MappingMode
+from device.gpu.instance import INTERRUPT_MODES
+from device.gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
+from device.gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
+from device.vfio_user.server import SocketPathError
 
 DEFAULT_TYPE = "mgpu-256"
 
@@ -46,39 +47,78 @@ def build_parser() -> argparse.ArgumentParser:
         "sockets and exit 0. Attach one with QEMU's "
         "-device vfio-user-pci,socket.type=unix,socket.path=PATH.",
     )
-    serve.add_argument("--socket", required=True, type=Path, metavar="PATH", action="append",
-                       help="unix socket path to listen on (its directory must exist); "
-                       "repeat to serve several GPU instances from this one process")
-    serve.add_argument("--type", default=DEFAULT_TYPE, metavar="TYPE",
-                       help=f"instance type (default: {DEFAULT_TYPE}); one of: "
-                       + ", ".join(f"{t.name} ({t.description})" for t in DEFAULT_TYPES))
-    serve.add_argument("--aperture-size", type=parse_size, default=None, metavar="SIZE",
-                       help="instead of --type: a custom type with this much device memory "
-                       "(a power of two; it is also the BAR2 aperture size)")
-    serve.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
-                       help="device memory of the physical GPU (default: 1G, or enough for "
-                       "every instance asked for)")
-    serve.add_argument("--interrupts", choices=INTERRUPT_MODES, default="msix",
-                       help="msix (default, 8 vectors) or msi (4 vectors). QEMU 11.1.3 aborts "
-                       "when it hot-unplugs a vfio-user device with MSI-X: use msi for "
-                       "instances you will device_del")
-    serve.add_argument("--mapping", choices=[m.value for m in MappingMode], default="static",
-                       help="how the guest reaches the BAR2 aperture: static (mapped whole at "
-                       "realize; default), fault (each page on first touch, checked against "
-                       "the placed resources; needs root for the FUSE mount) or trap (every "
-                       "access is a message)")
-    serve.add_argument("--denied", choices=[p.value for p in DeniedPolicy], default="sigbus",
-                       help="what a touch of an aperture page without a placed resource gets "
-                       "(fault and trap modes): sigbus (the VM dies, as on hardware; default), "
-                       "dummy (a zero page) or report (all ones, and the FAULT interrupt)")
-    serve.add_argument("--name", default=None,
-                       help="instance name used in logs (default: gpu0, gpu1, ...)")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"],
-                       help="logging verbosity on stderr (default: info)")
-    types = sub.add_parser("types", help="list instance types and how many fit",
-                           description="List the instance types and available_instances of "
-                           "each on a physical GPU of --memory bytes.")
+    serve.add_argument(
+        "--socket",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        action="append",
+        help="unix socket path to listen on (its directory must exist); "
+        "repeat to serve several GPU instances from this one process",
+    )
+    serve.add_argument(
+        "--type",
+        default=DEFAULT_TYPE,
+        metavar="TYPE",
+        help=f"instance type (default: {DEFAULT_TYPE}); one of: "
+        + ", ".join(f"{t.name} ({t.description})" for t in DEFAULT_TYPES),
+    )
+    serve.add_argument(
+        "--aperture-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="instead of --type: a custom type with this much device memory "
+        "(a power of two; it is also the BAR2 aperture size)",
+    )
+    serve.add_argument(
+        "--memory",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="device memory of the physical GPU (default: 1G, or enough for "
+        "every instance asked for)",
+    )
+    serve.add_argument(
+        "--interrupts",
+        choices=INTERRUPT_MODES,
+        default="msix",
+        help="msix (default, 8 vectors) or msi (4 vectors). QEMU 11.1.3 aborts "
+        "when it hot-unplugs a vfio-user device with MSI-X: use msi for "
+        "instances you will device_del",
+    )
+    serve.add_argument(
+        "--mapping",
+        choices=[m.value for m in MappingMode],
+        default="static",
+        help="how the guest reaches the BAR2 aperture: static (mapped whole at "
+        "realize; default), fault (each page on first touch, checked against "
+        "the placed resources; needs root for the FUSE mount) or trap (every "
+        "access is a message)",
+    )
+    serve.add_argument(
+        "--denied",
+        choices=[p.value for p in DeniedPolicy],
+        default="sigbus",
+        help="what a touch of an aperture page without a placed resource gets "
+        "(fault and trap modes): sigbus (the VM dies, as on hardware; default), "
+        "dummy (a zero page) or report (all ones, and the FAULT interrupt)",
+    )
+    serve.add_argument(
+        "--name", default=None, help="instance name used in logs (default: gpu0, gpu1, ...)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging verbosity on stderr (default: info)",
+    )
+    types = sub.add_parser(
+        "types",
+        help="list instance types and how many fit",
+        description="List the instance types and available_instances of "
+        "each on a physical GPU of --memory bytes.",
+    )
     types.add_argument("--memory", type=parse_size, default=DEFAULT_MEMORY, metavar="SIZE")
     return parser
 
@@ -86,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 def make_physical(args: argparse.Namespace, count: int) -> tuple[PhysicalGpu, str]:
     """The physical GPU and the instance type the arguments ask for."""
     if args.aperture_size is not None:
-        itype = InstanceType("custom", args.aperture_size, MAX_CONTEXTS_PER_INSTANCE,
-                             f"{args.aperture_size >> 20} MiB, given on the command line")
+        itype = InstanceType(
+            "custom",
+            args.aperture_size,
+            MAX_CONTEXTS_PER_INSTANCE,
+            f"{args.aperture_size >> 20} MiB, given on the command line",
+        )
         types: tuple[InstanceType, ...] = (*DEFAULT_TYPES, itype)
     else:
         types = DEFAULT_TYPES
@@ -102,9 +146,11 @@ def make_physical(args: argparse.Namespace, count: int) -> tuple[PhysicalGpu, st
 
 def serve(args: argparse.Namespace) -> int:
     sockets: list[Path] = args.socket
-    names = [args.name] if len(sockets) == 1 and args.name else [
-        f"{args.name or 'gpu'}{i}" for i in range(len(sockets))
-    ]
+    names = (
+        [args.name]
+        if len(sockets) == 1 and args.name
+        else [f"{args.name or 'gpu'}{i}" for i in range(len(sockets))]
+    )
     try:
         physical, type_name = make_physical(args, len(sockets))
     except ValueError as exc:
@@ -113,8 +159,9 @@ def serve(args: argparse.Namespace) -> int:
     server = GpuServer(physical)
     for name, path in zip(names, sockets, strict=True):
         try:
-            server.create_instance(name, type_name, path, args.interrupts, args.mapping,
-                                   args.denied)
+            server.create_instance(
+                name, type_name, path, args.interrupts, args.mapping, args.denied
+            )
         except (CapacityError, FuseUnavailable) as exc:
             log.error("cannot create %s: %s", name, exc)
             server.close()
@@ -132,8 +179,13 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     for served in server.instances.values():
-        log.info("serving %s (%s, %d MiB aperture) on %s", served.device.name, type_name,
-                 served.device.aperture_size >> 20, served.endpoint.path)
+        log.info(
+            "serving %s (%s, %d MiB aperture) on %s",
+            served.device.name,
+            type_name,
+            served.device.aperture_size >> 20,
+            served.endpoint.path,
+        )
         print(f"ready {served.endpoint.path}", flush=True)
     try:
         while not stop.wait(0.5):
@@ -148,8 +200,10 @@ def list_types(args: argparse.Namespace) -> int:
     try:
         print(f"{'type':<12}{'memory':>10}{'contexts':>10}{'available':>11}  description")
         for t in DEFAULT_TYPES:
-            print(f"{t.name:<12}{t.memory >> 20:>8}Mi{t.contexts:>10}"
-                  f"{physical.available_instances(t.name):>11}  {t.description}")
+            print(
+                f"{t.name:<12}{t.memory >> 20:>8}Mi{t.contexts:>10}"
+                f"{physical.available_instances(t.name):>11}  {t.description}"
+            )
     finally:
         physical.close()
     return 0

@@ -15,9 +15,9 @@ import os
 import threading
 from collections.abc import Sequence
 
-from .protocol.constants import IRQ_SET_ACTION_MASK, IRQ_SET_DATA_MASK, IrqSetFlags
-from .protocol.errors import VfioUserError
-from .protocol.messages import IrqInfo, SetIrqs
+from device.errors import VfioUserError
+from device.vfio_user.protocol.constants import IRQ_SET_ACTION_MASK, IRQ_SET_DATA_MASK, IrqSetFlags
+from device.vfio_user.protocol.messages import IrqInfo, SetIrqs
 
 _ONE = (1).to_bytes(8, "little")
 

@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from device.gpu.instance import INTERRUPT_MODES
+from device.gpu.types import DEFAULT_TYPES
+from device.harness.vm import probe_kvm, qemu_command
 from guest_images import BuildError, ensure_runtime
-
-from .gpu.instance import INTERRUPT_MODES
-from .gpu.types import DEFAULT_TYPES
-from .vm import probe_kvm, qemu_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,26 +30,56 @@ def build_parser() -> argparse.ArgumentParser:
         "serial console is this terminal (Ctrl-A X quits QEMU; 'exit' in the guest shell "
         "powers it off). Inside the guest, 'mgpu-probe find' lists the GPUs.",
     )
-    parser.add_argument("--instances", type=int, default=1, metavar="N",
-                        help="GPU instances to attach (default: 1)")
-    parser.add_argument("--type", default="mgpu-256", choices=[t.name for t in DEFAULT_TYPES],
-                        help="instance type (default: mgpu-256)")
-    parser.add_argument("--interrupts", default="msix", choices=INTERRUPT_MODES,
-                        help="msix (default) or msi; use msi for instances you will "
-                        "hot-unplug (QEMU 11.1.3 aborts unplugging MSI-X vfio-user devices)")
-    parser.add_argument("--mapping", default="static", choices=["static", "fault", "trap"],
-                        help="aperture mapping mode (see 'python -m device serve --help')")
-    parser.add_argument("--denied", default="sigbus", choices=["sigbus", "dummy", "report"],
-                        help="denied-access policy for the fault and trap modes")
-    parser.add_argument("--memory", type=int, default=1024, metavar="MB",
-                        help="guest RAM in MiB (default: 1024)")
-    parser.add_argument("--kvm", action="store_true",
-                        help="use KVM if a probe boot under KVM succeeds (otherwise TCG)")
-    parser.add_argument("--qmp", type=Path, default=None, metavar="PATH",
-                        help="QMP socket path (default: in the run's temporary directory)")
-    parser.add_argument("--append", default="quiet", metavar="ARGS",
-                        help="guest kernel command line additions (default: quiet; "
-                        "use --append '' for the kernel's boot messages)")
+    parser.add_argument(
+        "--instances", type=int, default=1, metavar="N", help="GPU instances to attach (default: 1)"
+    )
+    parser.add_argument(
+        "--type",
+        default="mgpu-256",
+        choices=[t.name for t in DEFAULT_TYPES],
+        help="instance type (default: mgpu-256)",
+    )
+    parser.add_argument(
+        "--interrupts",
+        default="msix",
+        choices=INTERRUPT_MODES,
+        help="msix (default) or msi; use msi for instances you will "
+        "hot-unplug (QEMU 11.1.3 aborts unplugging MSI-X vfio-user devices)",
+    )
+    parser.add_argument(
+        "--mapping",
+        default="static",
+        choices=["static", "fault", "trap"],
+        help="aperture mapping mode (see 'python -m device serve --help')",
+    )
+    parser.add_argument(
+        "--denied",
+        default="sigbus",
+        choices=["sigbus", "dummy", "report"],
+        help="denied-access policy for the fault and trap modes",
+    )
+    parser.add_argument(
+        "--memory", type=int, default=1024, metavar="MB", help="guest RAM in MiB (default: 1024)"
+    )
+    parser.add_argument(
+        "--kvm",
+        action="store_true",
+        help="use KVM if a probe boot under KVM succeeds (otherwise TCG)",
+    )
+    parser.add_argument(
+        "--qmp",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="QMP socket path (default: in the run's temporary directory)",
+    )
+    parser.add_argument(
+        "--append",
+        default="quiet",
+        metavar="ARGS",
+        help="guest kernel command line additions (default: quiet; "
+        "use --append '' for the kernel's boot messages)",
+    )
     return parser
 
 
@@ -78,30 +107,56 @@ def main(argv: list[str] | None = None) -> int:
     sockets = [workdir / f"gpu{n}.sock" for n in range(args.instances)]
     server_log = workdir / "server.log"
     qmp_path = args.qmp or workdir / "qmp.sock"
-    serve = [sys.executable, "-m", "device", "serve", "--type", args.type,
-             "--interrupts", args.interrupts, "--mapping", args.mapping, "--denied", args.denied]
+    serve = [
+        sys.executable,
+        "-m",
+        "device",
+        "serve",
+        "--type",
+        args.type,
+        "--interrupts",
+        args.interrupts,
+        "--mapping",
+        args.mapping,
+        "--denied",
+        args.denied,
+    ]
     for path in sockets:
         serve += ["--socket", str(path)]
     server: subprocess.Popen[str] | None = None
     try:
         with open(server_log, "w") as log:
-            server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True,
-                                      stdin=subprocess.DEVNULL)
+            server = subprocess.Popen(
+                serve, stdout=subprocess.PIPE, stderr=log, text=True, stdin=subprocess.DEVNULL
+            )
         assert server.stdout is not None
         for _ in sockets:
             line = server.stdout.readline()
             if not line.startswith("ready "):
-                print(f"run_qemu.sh: the GPU server did not start; its log:\n"
-                      f"{server_log.read_text()}", file=sys.stderr)
+                print(
+                    f"run_qemu.sh: the GPU server did not start; its log:\n"
+                    f"{server_log.read_text()}",
+                    file=sys.stderr,
+                )
                 return 1
         command = qemu_command(
-            runtime, memory_mb=args.memory, accel=accel, vfio_user_sockets=sockets,
-            append=args.append, serial=["mon:stdio"],
-            extra_args=["-chardev", f"socket,id=qmp,path={qmp_path},server=on,wait=off",
-                        "-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"],
+            runtime,
+            memory_mb=args.memory,
+            accel=accel,
+            vfio_user_sockets=sockets,
+            append=args.append,
+            serial=["mon:stdio"],
+            extra_args=[
+                "-chardev",
+                f"socket,id=qmp,path={qmp_path},server=on,wait=off",
+                "-object",
+                "monitor-qmp,id=qmp-monitor,chardev=qmp",
+            ],
         )
-        progress(f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts}), QEMU "
-                 f"{runtime.qemu_version} under {accel.upper()}")
+        progress(
+            f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts}), QEMU "
+            f"{runtime.qemu_version} under {accel.upper()}"
+        )
         progress(f"mgpu: QMP socket {qmp_path}; server log {server_log}")
         progress("mgpu: guest console follows (Ctrl-A X quits QEMU)")
         # QEMU owns the terminal now: a Ctrl-C is the guest's, not ours.
@@ -121,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(server.pid, signal.SIGKILL)
                 server.wait()
         if server is not None and server.returncode not in (0, None):
-            progress(f"mgpu: the GPU server exited with {server.returncode}; log kept in "
-                     f"{server_log}")
+            progress(
+                f"mgpu: the GPU server exited with {server.returncode}; log kept in {server_log}"
+            )
         else:
             with contextlib.suppress(OSError):
                 shutil.rmtree(workdir)

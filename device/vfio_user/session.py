@@ -26,18 +26,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from .dma import DmaTable
-from .irq import IrqLines
-from .protocol import messages as m
-from .protocol.codec import Frame, close_fds
-from .protocol.constants import (
+from device.errors import ProtocolError, UnsupportedCommand, VfioUserError
+from device.vfio_user.dma import DmaTable
+from device.vfio_user.irq import IrqLines
+from device.vfio_user.protocol import messages as m
+from device.vfio_user.protocol.codec import Frame, close_fds
+from device.vfio_user.protocol.constants import (
     HEADER_TYPE_MASK,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     Command,
     HeaderFlags,
 )
-from .protocol.errors import ProtocolError, UnsupportedCommand, VfioUserError
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,18 @@ class Session:
             waiter = self._waiters.pop(frame.header.msg_id, None)
         if waiter is None:
             close_fds(frame.fds)
-            log.warning("dropping reply id=%d command=%d that answers no request",
-                        frame.header.msg_id, frame.header.command)
+            log.warning(
+                "dropping reply id=%d command=%d that answers no request",
+                frame.header.msg_id,
+                frame.header.command,
+            )
             return
         waiter.reply = frame
         waiter.done.set()
 
-    def request_peer(self, command: Command, payload: bytes,
-                     timeout: float = PEER_REPLY_TIMEOUT) -> Frame:
+    def request_peer(
+        self, command: Command, payload: bytes, timeout: float = PEER_REPLY_TIMEOUT
+    ) -> Frame:
         """Send a request to the client and wait for its reply (not from the socket thread)."""
         if threading.get_ident() == self.protocol_thread:
             raise RuntimeError("a request to the client from the socket thread would deadlock")
@@ -193,8 +197,7 @@ class Session:
         assert reply is not None
         close_fds(reply.fds)
         if reply.header.is_error:
-            raise VfioUserError(reply.header.error or errno.EIO,
-                                f"client refused {command.name}")
+            raise VfioUserError(reply.header.error or errno.EIO, f"client refused {command.name}")
         return reply
 
     def _dma_chunks(self, address: int, length: int) -> list[tuple[int, int]]:
@@ -207,8 +210,9 @@ class Session:
             request = m.DmaAccess(chunk_address, chunk_length).pack()
             reply = self.request_peer(Command.DMA_READ, request)
             if len(reply.payload) != 16 + chunk_length:
-                raise VfioUserError(errno.EIO, f"DMA_READ reply of {len(reply.payload)} bytes "
-                                    f"for {chunk_length}")
+                raise VfioUserError(
+                    errno.EIO, f"DMA_READ reply of {len(reply.payload)} bytes for {chunk_length}"
+                )
             parts.append(m.DmaAccess.unpack(reply.payload).data)
         return b"".join(parts)
 
@@ -239,12 +243,18 @@ class Session:
                 reply.fds,
             )
         except (ProtocolError, VfioUserError) as exc:
-            log.info("command %s id=%d refused: %s (errno %d)",
-                     _command_name(header.command), header.msg_id, exc, exc.errno)
+            log.info(
+                "command %s id=%d refused: %s (errno %d)",
+                _command_name(header.command),
+                header.msg_id,
+                exc,
+                exc.errno,
+            )
             result = self._error(header, exc.errno)
         except Exception:
-            log.exception("bug while handling command %s id=%d",
-                          _command_name(header.command), header.msg_id)
+            log.exception(
+                "bug while handling command %s id=%d", _command_name(header.command), header.msg_id
+            )
             result = self._error(header, errno.EIO)
         finally:
             if frame.fds and not incoming.fds_taken:
@@ -326,8 +336,7 @@ class Session:
 
     def _region_read(self, incoming: Incoming) -> Reply:
         frame = incoming.frame
-        offset, region, count, _ = m.parse_region_access(frame.payload, frame.fds,
-                                                         with_data=False)
+        offset, region, count, _ = m.parse_region_access(frame.payload, frame.fds, with_data=False)
         if count > self.max_data_xfer:
             self._refuse_xfer(count)
         data = self.device.region_read(region, offset, count)
@@ -335,8 +344,9 @@ class Session:
 
     def _region_write(self, incoming: Incoming) -> Reply:
         frame = incoming.frame
-        offset, region, count, data = m.parse_region_access(frame.payload, frame.fds,
-                                                            with_data=True)
+        offset, region, count, data = m.parse_region_access(
+            frame.payload, frame.fds, with_data=True
+        )
         if count > self.max_data_xfer:
             self._refuse_xfer(count)
         self.device.region_write(region, offset, data)

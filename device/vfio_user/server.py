@@ -21,14 +21,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .protocol.errors import FramingError
-from .session import DeviceModel, Session
-from .transport import Connection, ConnectionClosed
+from device.errors import FramingError, SetupError
+from device.vfio_user.session import DeviceModel, Session
+from device.vfio_user.transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 
-class SocketPathError(Exception):
+class SocketPathError(SetupError):
     """The socket path cannot be used; the message says why and what to do."""
 
 

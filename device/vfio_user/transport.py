@@ -5,8 +5,8 @@ from __future__ import annotations
 import array
 import socket
 
-from .protocol.codec import DEFAULT_MAX_MESSAGE_SIZE, Frame, FrameDecoder, close_fds
-from .protocol.errors import FramingError
+from device.errors import FramingError
+from device.vfio_user.protocol.codec import DEFAULT_MAX_MESSAGE_SIZE, Frame, FrameDecoder, close_fds
 
 RECV_CHUNK = 256 * 1024
 # The most fds one read may bring.  More are cut off by the kernel (MSG_CTRUNC), and

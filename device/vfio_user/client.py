@@ -19,11 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from .protocol import messages as m
-from .protocol.codec import Frame, close_fds
-from .protocol.constants import Command, DmaMapFlags, IrqSetFlags
-from .protocol.errors import VfioUserError
-from .transport import Connection
+from device.errors import VfioUserError
+from device.vfio_user.protocol import messages as m
+from device.vfio_user.protocol.codec import Frame, close_fds
+from device.vfio_user.protocol.constants import Command, DmaMapFlags, IrqSetFlags
+from device.vfio_user.transport import Connection
 
 DEFAULT_CLIENT_CAPABILITIES: dict[str, object] = {
     "max_msg_fds": 16,
@@ -72,8 +72,9 @@ class VfioUserClient:
         self.server_requests_served = 0
 
     @classmethod
-    def connect(cls, path: Path | str, *, negotiate: bool = True,
-                timeout: float | None = 10.0) -> VfioUserClient:
+    def connect(
+        cls, path: Path | str, *, negotiate: bool = True, timeout: float | None = 10.0
+    ) -> VfioUserClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(timeout)
         try:
@@ -92,8 +93,12 @@ class VfioUserClient:
     def __enter__(self) -> VfioUserClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     # ------------------------------------------------------------------ raw exchange
@@ -160,8 +165,9 @@ class VfioUserClient:
             payload, error = b"", errno.EINVAL
         self.server_requests_served += 1
         if not header.no_reply:
-            self.send_raw(m.encode_message(header.msg_id, header.command, payload,
-                                           reply=True, error=error))
+            self.send_raw(
+                m.encode_message(header.msg_id, header.command, payload, reply=True, error=error)
+            )
 
     def request(self, command: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> Frame:
         """Send a command and return its reply; error replies raise VfioUserError."""
@@ -210,10 +216,18 @@ class VfioUserClient:
         reply = self.request(Command.DEVICE_GET_IRQ_INFO, m.IrqInfoRequest(16, index).pack())
         return m.IrqInfo.unpack(reply.payload, reply.fds)
 
-    def set_irqs(self, index: int, flags: int, start: int = 0, count: int = 0,
-                 data: bytes = b"", fds: tuple[int, ...] = ()) -> None:
-        self.request(Command.DEVICE_SET_IRQS,
-                     m.SetIrqs(flags, index, start, count, data).pack(), fds)
+    def set_irqs(
+        self,
+        index: int,
+        flags: int,
+        start: int = 0,
+        count: int = 0,
+        data: bytes = b"",
+        fds: tuple[int, ...] = (),
+    ) -> None:
+        self.request(
+            Command.DEVICE_SET_IRQS, m.SetIrqs(flags, index, start, count, data).pack(), fds
+        )
 
     def set_irq_eventfds(self, index: int, fds: tuple[int, ...], start: int = 0) -> None:
         flags = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
@@ -232,8 +246,14 @@ class VfioUserClient:
     def write32(self, region: int, offset: int, value: int) -> None:
         self.region_write(region, offset, value.to_bytes(4, "little"))
 
-    def dma_map(self, address: int, size: int, fd: int | None = None, offset: int = 0,
-                flags: int = DmaMapFlags.READ | DmaMapFlags.WRITE) -> None:
+    def dma_map(
+        self,
+        address: int,
+        size: int,
+        fd: int | None = None,
+        offset: int = 0,
+        flags: int = DmaMapFlags.READ | DmaMapFlags.WRITE,
+    ) -> None:
         payload = m.DmaMap(32, flags, offset, address, size).pack()
         self.request(Command.DMA_MAP, payload, (fd,) if fd is not None else ())
 

@@ -19,9 +19,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .protocol.constants import DmaMapFlags, DmaUnmapFlags
-from .protocol.errors import VfioUserError
-from .protocol.messages import DmaMap, DmaUnmap
+from device.errors import VfioUserError
+from device.vfio_user.protocol.constants import DmaMapFlags, DmaUnmapFlags
+from device.vfio_user.protocol.messages import DmaMap, DmaUnmap
 
 PAGE_SIZE = 4096
 MAX_DMA_MAPS = 65535
@@ -105,7 +105,10 @@ class DmaTable:
                 prot |= mmap.PROT_WRITE
             try:
                 mapping = mmap.mmap(
-                    request.fd, request.size, mmap.MAP_SHARED, prot or mmap.PROT_READ,
+                    request.fd,
+                    request.size,
+                    mmap.MAP_SHARED,
+                    prot or mmap.PROT_READ,
                     offset=request.offset,
                 )
             except (OSError, ValueError, OverflowError) as exc:

@@ -24,35 +24,65 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from device.errors import MgpuError
 from guest_images import Runtime
 
 BOOT_TIMEOUT = 120.0
 
 
-class GuestError(Exception):
+class GuestError(MgpuError):
     """The guest or QEMU misbehaved; the message carries the serial log's tail."""
 
 
 def vfio_user_device(dev_id: str, bus: str, socket_path: Path) -> dict[str, Any]:
-    return {"driver": "vfio-user-pci", "id": dev_id, "bus": bus,
-            "socket": {"type": "unix", "path": str(socket_path)}}
+    return {
+        "driver": "vfio-user-pci",
+        "id": dev_id,
+        "bus": bus,
+        "socket": {"type": "unix", "path": str(socket_path)},
+    }
 
 
-def qemu_command(runtime: Runtime, *, memory_mb: int = 512, accel: str = "tcg",
-                 vfio_user_sockets: Sequence[Path] = (), spare_root_ports: int = 2,
-                 shared_ram: bool = True, append: str = "", serial: Sequence[str] = (),
-                 extra_args: Sequence[str] = ()) -> list[str]:
+def qemu_command(
+    runtime: Runtime,
+    *,
+    memory_mb: int = 512,
+    accel: str = "tcg",
+    vfio_user_sockets: Sequence[Path] = (),
+    spare_root_ports: int = 2,
+    shared_ram: bool = True,
+    append: str = "",
+    serial: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+) -> list[str]:
     """QEMU's argv: q35, our kernel and initramfs, one root port per GPU plus spares."""
-    argv = [*runtime.qemu_argv, "-machine", f"q35,accel={accel}", "-m", str(memory_mb),
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-kernel", str(runtime.kernel), "-initrd", str(runtime.initrd),
-            "-append", f"console=ttyS0 panic=-1 {append}".strip()]
+    argv = [
+        *runtime.qemu_argv,
+        "-machine",
+        f"q35,accel={accel}",
+        "-m",
+        str(memory_mb),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(runtime.kernel),
+        "-initrd",
+        str(runtime.initrd),
+        "-append",
+        f"console=ttyS0 panic=-1 {append}".strip(),
+    ]
     if accel == "tcg":
         argv += ["-cpu", "max"]
     if shared_ram:
         # fd-backed, shared guest RAM: DMA_MAP then comes with fds the server can mmap.
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
-                 "-machine", "memory-backend=mem"]
+        argv += [
+            "-object",
+            f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+            "-machine",
+            "memory-backend=mem",
+        ]
     for spec in serial:
         argv += ["-serial", spec]
     ports = len(vfio_user_sockets) + spare_root_ports
@@ -64,11 +94,20 @@ def qemu_command(runtime: Runtime, *, memory_mb: int = 512, accel: str = "tcg",
 
 
 class GuestVM:
-    def __init__(self, runtime: Runtime, workdir: Path, *,
-                 vfio_user_sockets: Sequence[Path] = (), memory_mb: int = 512,
-                 accel: str = "tcg", agent: bool = True, shared_ram: bool = True,
-                 cmdline_extra: str = "", extra_args: Sequence[str] = (),
-                 boot_timeout: float = BOOT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        workdir: Path,
+        *,
+        vfio_user_sockets: Sequence[Path] = (),
+        memory_mb: int = 512,
+        accel: str = "tcg",
+        agent: bool = True,
+        shared_ram: bool = True,
+        cmdline_extra: str = "",
+        extra_args: Sequence[str] = (),
+        boot_timeout: float = BOOT_TIMEOUT,
+    ) -> None:
         self.runtime = runtime
         self.workdir = Path(workdir)
         self.vfio_user_sockets = list(vfio_user_sockets)
@@ -105,17 +144,21 @@ class GuestVM:
         agent_args: list[str] = []
         if self.agent:
             serial.append("chardev:agent")
-            agent_args = ["-chardev",
-                          f"socket,id=agent,path={self.agent_path},server=on,wait=off"]
+            agent_args = ["-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off"]
         return qemu_command(
-            self.runtime, memory_mb=self.memory_mb, accel=self.accel,
-            vfio_user_sockets=self.vfio_user_sockets, shared_ram=self.shared_ram,
+            self.runtime,
+            memory_mb=self.memory_mb,
+            accel=self.accel,
+            vfio_user_sockets=self.vfio_user_sockets,
+            shared_ram=self.shared_ram,
             append=f"{'mgpu.agent=1 ' if self.agent else ''}{self.cmdline_extra}",
             serial=serial,
             extra_args=[
                 *agent_args,
-                "-chardev", f"socket,id=qmp,path={self.qmp_path}",
-                "-object", "monitor-qmp,id=qmp-monitor,chardev=qmp",
+                "-chardev",
+                f"socket,id=qmp,path={self.qmp_path}",
+                "-object",
+                "monitor-qmp,id=qmp-monitor,chardev=qmp",
                 *self.extra_args,
             ],
         )
@@ -126,8 +169,9 @@ class GuestVM:
         started = time.monotonic()
         self._qmp = QEMUMonitorProtocol(str(self.qmp_path), server=True)
         with open(self.qemu_log, "wb") as log:
-            self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command_line(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             self._qmp.accept(timeout=30)
         except Exception as exc:
@@ -154,8 +198,9 @@ class GuestVM:
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise GuestError(f"QEMU exited with status {self.process.returncode}\n"
-                             f"{self.diagnostics()}")
+            raise GuestError(
+                f"QEMU exited with status {self.process.returncode}\n{self.diagnostics()}"
+            )
 
     def diagnostics(self) -> str:
         parts = [f"command line: {' '.join(self.command_line())}"]
@@ -191,8 +236,12 @@ class GuestVM:
     def __enter__(self) -> GuestVM:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     # ------------------------------------------------------------------ guest agent
@@ -205,8 +254,9 @@ class GuestVM:
             self._check_alive()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GuestError(f"timed out waiting for {marker!r} from the guest agent\n"
-                                 f"{self.diagnostics()}")
+                raise GuestError(
+                    f"timed out waiting for {marker!r} from the guest agent\n{self.diagnostics()}"
+                )
             self._agent.settimeout(min(left, 1.0))
             try:
                 chunk = self._agent.recv(65536)
@@ -275,11 +325,19 @@ def probe_kvm(runtime: Runtime, workdir: Path | None = None, timeout: float = 20
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     del workdir  # kept for callers that pass one: the probe boot writes no files
-    argv = qemu_command(runtime, memory_mb=256, accel="kvm", append="mgpu.test=boot",
-                        serial=["stdio"], spare_root_ports=0, shared_ram=False)
+    argv = qemu_command(
+        runtime,
+        memory_mb=256,
+        accel="kvm",
+        append="mgpu.test=boot",
+        serial=["stdio"],
+        spare_root_ports=0,
+        shared_ram=False,
+    )
     try:
-        out = subprocess.run(argv, capture_output=True, timeout=timeout, text=True,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            argv, capture_output=True, timeout=timeout, text=True, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         return False
     return re.search(r"MGPU-DONE rc=0", out.stdout) is not None

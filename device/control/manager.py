@@ -13,9 +13,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gpu.instance import GpuInstance
-from .gpu.physical import CapacityError, PhysicalGpu
-from .server import Endpoint
+from device.errors import CapacityError
+from device.gpu.instance import GpuInstance
+from device.gpu.physical import PhysicalGpu
+from device.vfio_user.server import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,26 @@ class GpuServer:
         self.instances: dict[str, ServedInstance] = {}
         self._lock = threading.Lock()
 
-    def create_instance(self, name: str, type_name: str, socket_path: Path,
-                        interrupts: str = "msix", mapping: str = "static",
-                        denied: str = "sigbus") -> ServedInstance:
+    def create_instance(
+        self,
+        name: str,
+        type_name: str,
+        socket_path: Path,
+        interrupts: str = "msix",
+        mapping: str = "static",
+        denied: str = "sigbus",
+    ) -> ServedInstance:
         with self._lock:
             if name in self.instances:
                 raise CapacityError(f"instance {name!r} already exists")
-            device = GpuInstance(name, physical=self.physical, instance_type=type_name,
-                                 interrupts=interrupts, mapping=mapping, denied=denied)
+            device = GpuInstance(
+                name,
+                physical=self.physical,
+                instance_type=type_name,
+                interrupts=interrupts,
+                mapping=mapping,
+                denied=denied,
+            )
             try:
                 endpoint = Endpoint(socket_path, device, name)
             except BaseException:

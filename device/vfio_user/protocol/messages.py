@@ -13,7 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Self
 
-from .constants import (
+from device.errors import FramingError, MalformedMessage
+from device.vfio_user.protocol.constants import (
     HEADER_SIZE,
     HEADER_TYPE_MASK,
     REGION_INFO_CAP_SPARSE_MMAP,
@@ -21,7 +22,6 @@ from .constants import (
     HeaderFlags,
     IrqSetFlags,
 )
-from .errors import FramingError, MalformedMessage
 
 _HEADER = struct.Struct("<HHIII")
 
@@ -62,7 +62,12 @@ class Header(NamedTuple):
 
 
 def encode_message(
-    msg_id: int, command: int, payload: bytes = b"", *, reply: bool, error: int = 0,
+    msg_id: int,
+    command: int,
+    payload: bytes = b"",
+    *,
+    reply: bool,
+    error: int = 0,
     no_reply: bool = False,
 ) -> bytes:
     """Header plus payload, ready to send."""
@@ -384,9 +389,7 @@ class SetIrqs:
         return IRQ_SET_SIZE + len(self.data)
 
     def pack(self) -> bytes:
-        return (
-            _IRQ_SET.pack(self.argsz, self.flags, self.index, self.start, self.count) + self.data
-        )
+        return _IRQ_SET.pack(self.argsz, self.flags, self.index, self.start, self.count) + self.data
 
     @classmethod
     def unpack(cls, payload: bytes | memoryview, fds: tuple[int, ...] = ()) -> Self:
@@ -405,9 +408,7 @@ class SetIrqs:
         if fds and not flags & IrqSetFlags.DATA_EVENTFD:
             raise MalformedMessage("DEVICE_SET_IRQS: fds passed without DATA_EVENTFD")
         if flags & IrqSetFlags.DATA_EVENTFD and fds and len(fds) != count:
-            raise MalformedMessage(
-                f"DEVICE_SET_IRQS: {len(fds)} eventfds for a count of {count}"
-            )
+            raise MalformedMessage(f"DEVICE_SET_IRQS: {len(fds)} eventfds for a count of {count}")
         return cls(flags, index, start, count, data, fds)
 
 
@@ -524,4 +525,3 @@ class Empty:
         _no_fds(fds, "message")
         _exact(payload, 0, "message")
         return cls()
-

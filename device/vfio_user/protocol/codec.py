@@ -20,9 +20,9 @@ import os
 from collections import deque
 from typing import NamedTuple
 
-from .constants import HEADER_SIZE
-from .errors import FramingError
-from .messages import _HEADER, Header
+from device.errors import FramingError
+from device.vfio_user.protocol.constants import HEADER_SIZE
+from device.vfio_user.protocol.messages import _HEADER, Header
 
 # A message may carry up to max_data_xfer_size bytes of data plus its fixed fields.
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024 + 4096

@@ -13,10 +13,10 @@ import os
 import select
 import time
 
-from .client import VfioUserClient
-from .gpu import registers as regs
-from .gpu.commands import COMMAND_SIZE, Opcode, encode
-from .protocol.constants import PciIrq, PciRegion
+from device.gpu import registers as regs
+from device.gpu.commands import COMMAND_SIZE, Opcode, encode
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol.constants import PciIrq, PciRegion
 
 
 class DriverError(Exception):
@@ -30,8 +30,9 @@ class DriverError(Exception):
 class GuestRam:
     """A memfd the client maps as fd-backed guest RAM at ``base``, with a bump allocator."""
 
-    def __init__(self, client: VfioUserClient, base: int = 0x1000_0000,
-                 size: int = 64 << 20) -> None:
+    def __init__(
+        self, client: VfioUserClient, base: int = 0x1000_0000, size: int = 64 << 20
+    ) -> None:
         self.base, self.size = base, size
         self.fd = os.memfd_create("mgpu-driver-ram", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
@@ -56,8 +57,13 @@ class GuestRam:
 
 
 class MgpuDriver:
-    def __init__(self, client: VfioUserClient, ram: GuestRam | None = None,
-                 ring_size: int = 64 * 1024, context: int = 0) -> None:
+    def __init__(
+        self,
+        client: VfioUserClient,
+        ram: GuestRam | None = None,
+        ring_size: int = 64 * 1024,
+        context: int = 0,
+    ) -> None:
         self.client = client
         self.ram = ram or GuestRam(client)
         self.context = context
@@ -65,8 +71,9 @@ class MgpuDriver:
             raise DriverError(0, "not an mgpu device")
         # One eventfd per vector we use: FENCE, ERROR, DMA, FAULT; MSI-X, or MSI if that is all.
         self.irq_index = PciIrq.MSIX if client.irq_info(PciIrq.MSIX).count else PciIrq.MSI
-        self.vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                             for _ in range(len(regs.INT_VECTORS)))
+        self.vectors = tuple(
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(len(regs.INT_VECTORS))
+        )
         client.set_irq_eventfds(self.irq_index, self.vectors)
         self.interrupts_seen = [0] * len(self.vectors)  # per vector, counted by drain
         self.ring_size = ring_size
