@@ -2,20 +2,19 @@
 
 Every fixture cleans up what it started (QEMU by PID, server threads, sockets) even
 when the test fails.  The guest runtime is provisioned by ``guest_images`` (cached
-outside the repo), so these tests never skip for a missing QEMU.
+outside the repo), so these tests never skip for a missing QEMU.  ``short_tmp`` comes
+from tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from device.control.manager import GpuServer
+from device.control.manager import GpuServer, ServedInstance
 from device.gpu.physical import PhysicalGpu
 from guest_images import Runtime, ensure_runtime
 
@@ -28,17 +27,24 @@ def runtime() -> Runtime:
 
 
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    # unix socket paths are limited to 107 bytes; pytest's tmp paths can be longer.
-    path = Path(tempfile.mkdtemp(prefix="mgpu-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def gpu_server() -> Iterator[GpuServer]:
     with GpuServer(PhysicalGpu(512 * 1024 * 1024)) as server:
         yield server
+
+
+CreateInstance = Callable[..., ServedInstance]
+
+
+@pytest.fixture
+def instance(gpu_server: GpuServer, short_tmp: Path) -> CreateInstance:
+    """``instance(name, type_name="mgpu-64", **options)``: an instance of ``gpu_server``
+    served on ``short_tmp / "NAME.sock"`` (``short_tmp`` is where the test's VMs go too).
+    """
+
+    def create(name: str, type_name: str = "mgpu-64", **options: str) -> ServedInstance:
+        return gpu_server.create_instance(name, type_name, short_tmp / f"{name}.sock", **options)
+
+    return create
 
 
 @pytest.fixture(scope="session")

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from device.control.manager import GpuServer
 from device.gpu import registers as regs
 from device.harness.vm import GuestVM
 from guest_images import Runtime, parse_results
+from tests.integration.conftest import CreateInstance
 
 pytestmark = pytest.mark.qemu
 
 
 def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path, figures: dict[str, float]
+    runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
 ) -> None:
-    msix = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
-    msi = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock", interrupts="msi")
+    msix = instance("gpu0")
+    msi = instance("gpu1", interrupts="msi")
     with GuestVM(
         runtime, short_tmp, vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]
     ) as vm:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from device.control.manager import GpuServer
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
 from device.harness.vm import GuestError, GuestVM
 from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
+from tests.integration.conftest import CreateInstance
 
 pytestmark = pytest.mark.qemu
 SCRATCH = regs.BY_NAME["SCRATCH"].offset
@@ -48,18 +48,17 @@ def host_view(device: GpuInstance, offset: int, length: int) -> bytes:
 @pytest.mark.parametrize("mapping", ["fault", "trap"])
 def test_pages_follow_allocations_under_each_policy(
     runtime: Runtime,
-    gpu_server: GpuServer,
+    instance: CreateInstance,
     short_tmp: Path,
     figures: dict[str, float],
     mapping: str,
 ) -> None:
-    dummy = gpu_server.create_instance(
-        "gpu0", "mgpu-64", short_tmp / "gpu0.sock", mapping=mapping, denied="dummy"
-    ).device
-    report = gpu_server.create_instance(
-        "gpu1", "mgpu-64", short_tmp / "gpu1.sock", mapping=mapping, denied="report"
-    ).device
-    sockets = [short_tmp / "gpu0.sock", short_tmp / "gpu1.sock"]
+    served = [
+        instance("gpu0", mapping=mapping, denied="dummy"),
+        instance("gpu1", mapping=mapping, denied="report"),
+    ]
+    dummy, report = (s.device for s in served)
+    sockets = [s.endpoint.path for s in served]
     with GuestVM(runtime, short_tmp, vfio_user_sockets=sockets) as vm:
         vm.start()
         d, r = bdf_of(vm, dummy, 0xD0), bdf_of(vm, report, 0xE0)
@@ -96,11 +95,9 @@ def test_pages_follow_allocations_under_each_policy(
 
 
 def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path
+    runtime: Runtime, instance: CreateInstance, short_tmp: Path
 ) -> None:
-    served = gpu_server.create_instance(
-        "gpu0", "mgpu-64", short_tmp / "gpu0.sock", mapping="fault", denied="sigbus"
-    )
+    served = instance("gpu0", mapping="fault", denied="sigbus")
     with GuestVM(runtime, short_tmp, vfio_user_sockets=[served.endpoint.path]) as vm:
         vm.start()
         bdf = bdf_of(vm, served.device, 0x5B)
@@ -126,14 +123,10 @@ def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
 
 
 def test_two_vms_on_one_physical_gpu_never_see_each_others_data(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path
+    runtime: Runtime, instance: CreateInstance, short_tmp: Path
 ) -> None:
-    a = gpu_server.create_instance(
-        "a", "mgpu-64", short_tmp / "a.sock", mapping="fault", denied="dummy"
-    )
-    b = gpu_server.create_instance(
-        "b", "mgpu-64", short_tmp / "b.sock", mapping="fault", denied="dummy"
-    )
+    a = instance("a", mapping="fault", denied="dummy")
+    b = instance("b", mapping="fault", denied="dummy")
     secret = pattern_bytes(8192, 0x5EC2E7)
     with (
         GuestVM(runtime, short_tmp / "vm-a", vfio_user_sockets=[a.endpoint.path]) as vm_a,

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from qemu.qmp.util import get_or_create_event_loop
 
-from device.control.manager import GpuServer
 from device.gpu import registers as regs
 from device.gpu.instance import DEVICE_ID, VENDOR_ID
 from device.harness.vm import GuestVM
 from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
+from tests.helpers import wait_until
+from tests.integration.conftest import CreateInstance
 
 pytestmark = pytest.mark.qemu
 
@@ -39,21 +40,18 @@ def find_gpus(vm: GuestVM) -> list[str]:
 
 def wait_for_gpu_count(vm: GuestVM, count: int, timeout: float = 60.0) -> float:
     """Poll the guest until it enumerates ``count`` GPUs; returns the seconds it took."""
-    start = time.monotonic()
-    while len(find_gpus(vm)) != count:
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"guest did not see {count} GPU(s) within {timeout}s")
-        time.sleep(0.2)
-    return time.monotonic() - start
+    return wait_until(
+        lambda: len(find_gpus(vm)) == count, timeout, f"the guest to see {count} GPU(s)", 0.2
+    )
 
 
 def test_guest_sees_gpu_registers_aperture_and_hotplug(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path, figures: dict[str, float]
+    runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
 ) -> None:
     # gpu0 has MSI-X (the default); gpu1 uses MSI, because QEMU 11.1.3 aborts when it
     # hot-unplugs a vfio-user device with MSI-X.
-    gpu0 = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
-    gpu1 = gpu_server.create_instance("gpu1", "mgpu-64", short_tmp / "gpu1.sock", interrupts="msi")
+    gpu0 = instance("gpu0")
+    gpu1 = instance("gpu1", interrupts="msi")
     device = gpu0.device
     vm = GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu0.endpoint.path, gpu1.endpoint.path])
     with vm:
@@ -105,9 +103,9 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
         vm.hot_unplug("gpu1")
         figures["device_del_to_deleted_s"] = round(time.monotonic() - started, 3)
         wait_for_gpu_count(vm, 1)
-        deadline = time.monotonic() + 10
-        while gpu1.endpoint.clients_served == served_before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: gpu1.endpoint.clients_served != served_before, 10, "QEMU to disconnect", 0.05
+        )
         assert gpu1.endpoint.clients_served == served_before + 1, "QEMU did not disconnect"
         assert gpu0.endpoint.session is not None, "gpu0 must be unaffected"
 
@@ -129,11 +127,11 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
 
 
 def test_message_based_dma_with_guest_ram_that_is_not_fd_backed(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path, figures: dict[str, float]
+    runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
 ) -> None:
     """Guest RAM without an fd: QEMU maps it with no fd, and every device DMA becomes
     a DMA_READ/DMA_WRITE message that QEMU serves."""
-    gpu = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
+    gpu = instance("gpu0")
     with GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu.endpoint.path], shared_ram=False) as vm:
         vm.start()
         session = gpu.endpoint.session
@@ -153,9 +151,9 @@ def test_message_based_dma_with_guest_ram_that_is_not_fd_backed(
 
 
 def test_qemu_killed_with_sigkill_leaves_nothing_behind_in_the_server(
-    runtime: Runtime, gpu_server: GpuServer, short_tmp: Path
+    runtime: Runtime, instance: CreateInstance, short_tmp: Path
 ) -> None:
-    gpu = gpu_server.create_instance("gpu0", "mgpu-64", short_tmp / "gpu0.sock")
+    gpu = instance("gpu0")
     get_or_create_event_loop()  # qemu.qmp's per-thread loop (3 fds) is the harness's
     fds_before = len(os.listdir("/proc/self/fd"))
     threads_before = threading.active_count()
@@ -167,9 +165,7 @@ def test_qemu_killed_with_sigkill_leaves_nothing_behind_in_the_server(
         assert vm.process is not None
         os.kill(vm.process.pid, signal.SIGKILL)
         vm.process.wait(30)
-        deadline = time.monotonic() + 10
-        while gpu.endpoint.session is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: gpu.endpoint.session is None, 10, "the session to end", 0.05)
         assert gpu.endpoint.session is None, "the server noticed QEMU is gone"
     maps = Path("/proc/self/maps").read_text()
     assert "memfd:memory-backend-memfd" not in maps, "guest RAM is no longer mapped"

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,8 +69,8 @@ class Guest:
 
 
 @pytest.fixture
-def make_guest() -> Iterator[Callable[..., tuple[Guest, GpuInstance]]]:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-ap-"))
+def make_guest(short_tmp: Path) -> Iterator[Callable[..., tuple[Guest, GpuInstance]]]:
+    workdir = short_tmp
     server = GpuServer(PhysicalGpu(16 * MiB, contexts=4, types=TYPES))
     guests: list[Guest] = []
 
@@ -92,7 +91,6 @@ def make_guest() -> Iterator[Callable[..., tuple[Guest, GpuInstance]]]:
         if fuse is not None:
             fuse.abort()
     server.close()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_fault_mode_serves_only_placed_pages_and_revokes(
@@ -221,8 +219,8 @@ def test_two_instances_never_see_each_others_memory(
 
 
 @pytest.mark.parametrize("denied", ["sigbus", "dummy", "report"])
-def test_trap_mode_checks_every_access(denied: str) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-trap-"))
+def test_trap_mode_checks_every_access(denied: str, short_tmp: Path) -> None:
+    workdir = short_tmp
     with GpuServer(PhysicalGpu(8 * MiB, contexts=2, types=TYPES)) as server:
         served = server.create_instance(
             "t", "small", workdir / "t.sock", mapping="trap", denied=denied
@@ -253,13 +251,13 @@ def test_trap_mode_checks_every_access(denied: str) -> None:
             with pytest.raises(VfioUserError) if denied == "sigbus" else contextlib.nullcontext():
                 client.region_read(PciRegion.BAR2, offset + 8, 4)
             driver.close()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
-    make_guest: Callable[..., tuple[Guest, GpuInstance]],
+    make_guest: Callable[..., tuple[Guest, GpuInstance]], short_tmp: Path
 ) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-reuse-"))
+    workdir = short_tmp / "reuse"
+    workdir.mkdir()
     with GpuServer(PhysicalGpu(4 * MiB, contexts=2, types=TYPES)) as server:
         first = server.create_instance(
             "first", "small", workdir / "a.sock", mapping="fault", denied="dummy"
@@ -283,7 +281,6 @@ def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
         os.close(old.fd)
         old.driver.close()
         new.close()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_concurrent_guest_writes_and_engine_commands_lose_no_update(
@@ -359,39 +356,36 @@ aperture.close()
     shutil.which("runuser") is None or not Path("/usr/bin/python3").exists(),
     reason="needs runuser and the system python3 to act as another user",
 )
-def test_fault_mode_without_root_uses_fusermount3_or_says_why() -> None:
+def test_fault_mode_without_root_uses_fusermount3_or_says_why(short_tmp: Path) -> None:
     """Where fusermount3 may mount (setuid honoured, /dev/fuse reachable) a user gets a
     working aperture; where it may not (as on these sandboxes) a clear error, never a
     hang or a traceback."""
     root = Path(__file__).resolve().parents[2]
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-nonroot-"))
-    try:
-        # A copy the other user can read, wherever this checkout lives.
-        (workdir / "device" / "fuse").mkdir(parents=True)
-        for module in ("__init__.py", "errors.py"):  # what device.fuse imports
-            shutil.copy(root / "device" / module, workdir / "device")
-        for source in (root / "device" / "fuse").glob("*.py"):
-            shutil.copy(source, workdir / "device" / "fuse")
-        (workdir / "nonroot.py").write_text(NONROOT)
-        for path in [workdir, *workdir.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        result = subprocess.run(
-            [
-                "runuser",
-                "-u",
-                "nobody",
-                "--",
-                "/usr/bin/python3",
-                str(workdir / "nonroot.py"),
-                str(workdir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/tmp",
-        )
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    workdir = short_tmp
+    # A copy the other user can read, wherever this checkout lives.
+    (workdir / "device" / "fuse").mkdir(parents=True)
+    for module in ("__init__.py", "errors.py"):  # what device.fuse imports
+        shutil.copy(root / "device" / module, workdir / "device")
+    for source in (root / "device" / "fuse").glob("*.py"):
+        shutil.copy(source, workdir / "device" / "fuse")
+    (workdir / "nonroot.py").write_text(NONROOT)
+    for path in [workdir, *workdir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    result = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "/usr/bin/python3",
+            str(workdir / "nonroot.py"),
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/tmp",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(("served: 42424242", "unavailable:")), result.stdout
     if result.stdout.startswith("unavailable:"):

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,12 +50,9 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="mgpu-cli-"))
-    yield path
-    for leftover in path.iterdir():
-        leftover.unlink()
-    path.rmdir()
+def workdir(short_tmp: Path) -> Path:
+    """Where the servers' sockets go (short enough for a unix socket path)."""
+    return short_tmp
 
 
 @pytest.fixture

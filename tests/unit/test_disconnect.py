@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from device.gpu.instance import GpuInstance
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
 from device.vfio_user.server import Endpoint
+from tests.helpers import wait_until
 from tests.unit.conftest import ServeInstance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,9 +75,7 @@ def test_sigkilled_client_leaks_nothing_and_device_state_survives(endpoint: Endp
         doomed.wait()
         if doomed.stdout is not None:
             doomed.stdout.close()
-    deadline = time.monotonic() + 10
-    while endpoint.clients_served == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: endpoint.clients_served != 0, 10, "the server to drop the client", 0.02)
     assert endpoint.clients_served == 1
     assert endpoint.session is None
     assert open_fds() == fds_before

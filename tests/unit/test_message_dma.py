@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from device.vfio_user.server import Endpoint
 
 GUEST_BASE = 0x10_0000
 GUEST_SIZE = 4 << 20
+Served = tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory]
 
 
 def reg(name: str) -> int:
@@ -29,8 +29,8 @@ def reg(name: str) -> int:
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory]]:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-dma-"))
+def served(short_tmp: Path) -> Iterator[Served]:
+    workdir = short_tmp
     device = GpuInstance("dma", aperture_size=8 << 20)
     endpoint = Endpoint(workdir / "gpu.sock", device, "dma")
     endpoint.start()
@@ -43,7 +43,7 @@ def served() -> Iterator[tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayM
         client.close()
         endpoint.stop()
         device.close()
-        workdir.rmdir()
+        workdir.rmdir()  # fails if stop() left the socket behind
 
 
 def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, length: int) -> int:
@@ -60,9 +60,7 @@ def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, leng
     raise AssertionError("DMA never completed")
 
 
-def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(
-    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
-) -> None:
+def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(served: Served) -> None:
     device, _, client, memory = served
     client.dma_map(GUEST_BASE, GUEST_SIZE)  # no fd: only messages reach this memory
     vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
@@ -88,9 +86,7 @@ def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(
         os.close(fd)
 
 
-def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(
-    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
-) -> None:
+def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(served: Served) -> None:
     device, _, client, memory = served
     client.dma_map(GUEST_BASE, GUEST_SIZE)
     # A guest address nobody mapped: EFAULT, no message sent.
@@ -108,9 +104,7 @@ def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(
     assert bytes(device.aperture[0:11]) == b"still alive"
 
 
-def test_client_refusing_a_dma_read_becomes_a_device_error(
-    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
-) -> None:
+def test_client_refusing_a_dma_read_becomes_a_device_error(served: Served) -> None:
     _, _, client, _ = served
     # The client maps more than its memory backs: its answer to DMA_READ is EFAULT.
     client.dma_map(GUEST_BASE + GUEST_SIZE, 1 << 20)
@@ -118,9 +112,7 @@ def test_client_refusing_a_dma_read_becomes_a_device_error(
     assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EFAULT
 
 
-def test_fd_backed_memory_is_accessed_directly_without_messages(
-    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
-) -> None:
+def test_fd_backed_memory_is_accessed_directly_without_messages(served: Served) -> None:
     device, _, client, _ = served
     ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(ram, 1 << 20)
@@ -136,9 +128,7 @@ def test_fd_backed_memory_is_accessed_directly_without_messages(
     os.close(ram)
 
 
-def test_disconnect_fails_waiting_dma_instead_of_hanging(
-    served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
-) -> None:
+def test_disconnect_fails_waiting_dma_instead_of_hanging(served: Served) -> None:
     device, _, client, _ = served
     client.dma_map(GUEST_BASE, GUEST_SIZE)
     assert device.dma is not None
@@ -161,8 +151,10 @@ def test_disconnect_fails_waiting_dma_instead_of_hanging(
     assert outcome[0].errno == errno.ENOTCONN
 
 
-def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-dma-"))
+def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers(
+    short_tmp: Path,
+) -> None:
+    workdir = short_tmp
     devices = [GpuInstance(f"g{i}", aperture_size=1 << 20) for i in range(2)]
     endpoints = [Endpoint(workdir / f"g{i}.sock", d, f"g{i}") for i, d in enumerate(devices)]
     for endpoint in endpoints:
@@ -193,6 +185,3 @@ def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers() -
             endpoint.stop()
         for device in devices:
             device.close()
-        for leftover in workdir.iterdir():
-            leftover.unlink()
-        workdir.rmdir()

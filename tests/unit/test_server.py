@@ -10,10 +10,8 @@ import mmap
 import os
 import socket
 import struct
-import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
 from device.vfio_user.server import Endpoint
+from tests.helpers import wait_until
 from tests.unit.conftest import ServeInstance
 
 APERTURE = 256 << 20
@@ -41,17 +40,9 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
 def wait_served(endpoint: Endpoint, count: int) -> None:
     """Until the server has finished with (closed) ``count`` clients in all."""
-    wait_for(lambda: endpoint.clients_served >= count, f"{count} clients served")
+    wait_until(lambda: endpoint.clients_served >= count, 5.0, f"{count} clients served")
 
 
 @pytest.fixture
@@ -834,8 +825,9 @@ def test_broken_framing_right_after_a_message_with_fds_leaks_nothing(endpoint: E
         fds = eventfds(3)
         client.send_raw(message[:10], fds)  # the message starts, with fds
         close_all(fds)
-        wait_for(
+        wait_until(
             lambda: endpoint.connection is not None and endpoint.connection.decoder.buffered == 10,
+            5.0,
             "the server to read it",
         )
         # Its end and a broken header arrive together, in one read.
@@ -910,8 +902,8 @@ def test_a_second_client_waits_until_the_first_leaves(endpoint: Endpoint) -> Non
         second.close()
 
 
-def test_stop_disconnects_a_connected_client_and_removes_the_socket() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-srv-"))
+def test_stop_disconnects_a_connected_client_and_removes_the_socket(short_tmp: Path) -> None:
+    workdir = short_tmp
     device = GpuInstance("s", aperture_size=1 << 20)
     server = Endpoint(workdir / "gpu.sock", device, "s")
     try:
@@ -928,7 +920,7 @@ def test_stop_disconnects_a_connected_client_and_removes_the_socket() -> None:
     finally:
         server.stop()
         device.close()
-        workdir.rmdir()
+        workdir.rmdir()  # fails if stop() left anything behind
 
 
 # ---------------------------------------------------------------------- fuzzing
@@ -1074,9 +1066,12 @@ def test_message_dma_honours_the_clients_max_data_xfer_size(endpoint: Endpoint) 
         client.write32(0, reg["DMA_GUEST_ADDR_LO"], 0x100000)
         client.write32(0, reg["DMA_LENGTH"], 10240)
         client.write32(0, reg["DMA_CONTROL"], regs.DmaCommand.TO_APERTURE)
-        deadline = time.monotonic() + 10
-        while client.read32(0, reg["DMA_STATUS"]) == regs.DmaStatus.BUSY:
-            assert time.monotonic() < deadline, "DMA never finished"
+        wait_until(  # no sleep: reading the status is what lets the client answer DMA
+            lambda: client.read32(0, reg["DMA_STATUS"]) != regs.DmaStatus.BUSY,
+            10,
+            "the DMA to finish",
+            interval=0,
+        )
         assert client.server_requests_served == 3, "10 KiB in 4 KiB DMA_READs"
         assert bytes(device_of(endpoint).aperture[:10240]) == bytes(range(256)) * 40
         with pytest.raises(VfioUserError):
@@ -1104,8 +1099,8 @@ class FlakyListener:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_failed_accept_does_not_stop_the_endpoint() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-srv-"))
+def test_a_failed_accept_does_not_stop_the_endpoint(short_tmp: Path) -> None:
+    workdir = short_tmp
     device = GpuInstance("flaky", aperture_size=1 << 20)
     server = Endpoint(workdir / "gpu.sock", device, "flaky")
     server.listener = FlakyListener(server.listener)  # type: ignore[assignment]
@@ -1116,4 +1111,4 @@ def test_a_failed_accept_does_not_stop_the_endpoint() -> None:
     finally:
         server.stop()
         device.close()
-        workdir.rmdir()
+        workdir.rmdir()  # fails if stop() left the socket behind
