@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from device.errors import SetupError
@@ -42,6 +43,9 @@ MS_NOSUID, MS_NODEV = 2, 4
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+# A request handler: (unique, nodeid, body after the header) -> the reply.
+Handler = Callable[[int, int, memoryview], bytes]
 
 
 class FuseUnavailable(SetupError):
@@ -127,6 +131,23 @@ class FuseAperture:
         self.connection: int | None = None  # the kernel's id: /sys/fs/fuse/connections/N
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._handlers: dict[int, Handler] = {
+            p.Opcode.READ: self._read,
+            p.Opcode.WRITE: self._write,
+            p.Opcode.INIT: self._init,
+            p.Opcode.LOOKUP: self._lookup,
+            p.Opcode.GETATTR: self._getattr,
+            p.Opcode.OPEN: self._open,
+            p.Opcode.OPENDIR: self._open,
+            p.Opcode.RELEASE: self._ok,
+            p.Opcode.RELEASEDIR: self._ok,
+            p.Opcode.FLUSH: self._ok,
+            p.Opcode.FSYNC: self._ok,
+            p.Opcode.DESTROY: self._ok,
+            p.Opcode.READDIR: self._ok,
+            p.Opcode.STATFS: self._statfs,
+            p.Opcode.SETATTR: self._refuse,
+        }  # anything else: ENOSYS
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -239,48 +260,56 @@ class FuseAperture:
             return p.reply(unique, error=errno.EIO)
 
     def _dispatch(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> bytes:
-        if opcode == p.Opcode.READ:
-            _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-            size = max(0, min(size, self.size - offset))
-            data = self.backend.fault(offset, size) if size else b""
-            if isinstance(data, int):
-                return p.reply(unique, error=data)
-            return p.reply(unique, data)
-        if opcode == p.Opcode.WRITE:
-            _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
-            data = bytes(body[p.WRITE_IN.size : p.WRITE_IN.size + size])
-            if offset + size > self.size:
-                return p.reply(unique, error=errno.EFBIG)
-            self.backend.writeback(offset, data)
-            return p.reply(unique, p.WRITE_OUT.pack(size, 0))
-        if opcode == p.Opcode.INIT:
-            major, _minor, _readahead, _flags = p.INIT_IN.unpack_from(body)
-            if major != p.KERNEL_MAJOR:
-                return p.reply(unique, error=errno.EPROTO)
-            return p.reply(unique, p.init_out(MAX_WRITE, MAX_WRITE // 4096))
-        if opcode == p.Opcode.LOOKUP:
-            name = bytes(body).split(b"\0", 1)[0]
-            if nodeid == p.ROOT_INODE and name == FILE_NAME:
-                return p.reply(unique, p.entry_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
-            return p.reply(unique, error=errno.ENOENT)
-        if opcode == p.Opcode.GETATTR:
-            if nodeid == p.ROOT_INODE:
-                return p.reply(unique, p.attr_out(p.ROOT_INODE, 0, p.S_IFDIR | 0o700))
-            return p.reply(unique, p.attr_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
-        if opcode in (p.Opcode.OPEN, p.Opcode.OPENDIR):
-            # KEEP_CACHE: an open must not drop pages other processes have mapped.
-            return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0))
-        if opcode in (
-            p.Opcode.RELEASE,
-            p.Opcode.RELEASEDIR,
-            p.Opcode.FLUSH,
-            p.Opcode.FSYNC,
-            p.Opcode.DESTROY,
-            p.Opcode.READDIR,
-        ):
-            return p.reply(unique)
-        if opcode == p.Opcode.STATFS:
-            return p.reply(unique, p.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0))
-        if opcode == p.Opcode.SETATTR:
-            return p.reply(unique, error=errno.EPERM)
-        return p.reply(unique, error=errno.ENOSYS)
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            return p.reply(unique, error=errno.ENOSYS)
+        return handler(unique, nodeid, body)
+
+    # One handler per opcode, keyed in ``_handlers``; READ (a fault) and WRITE (a
+    # writeback) are the hot ones.
+
+    def _read(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
+        _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        size = max(0, min(size, self.size - offset))
+        data = self.backend.fault(offset, size) if size else b""
+        if isinstance(data, int):
+            return p.reply(unique, error=data)
+        return p.reply(unique, data)
+
+    def _write(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
+        _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
+        data = bytes(body[p.WRITE_IN.size : p.WRITE_IN.size + size])
+        if offset + size > self.size:
+            return p.reply(unique, error=errno.EFBIG)
+        self.backend.writeback(offset, data)
+        return p.reply(unique, p.WRITE_OUT.pack(size, 0))
+
+    def _init(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
+        major, _minor, _readahead, _flags = p.INIT_IN.unpack_from(body)
+        if major != p.KERNEL_MAJOR:
+            return p.reply(unique, error=errno.EPROTO)
+        return p.reply(unique, p.init_out(MAX_WRITE, MAX_WRITE // 4096))
+
+    def _lookup(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        name = bytes(body).split(b"\0", 1)[0]
+        if nodeid == p.ROOT_INODE and name == FILE_NAME:
+            return p.reply(unique, p.entry_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
+        return p.reply(unique, error=errno.ENOENT)
+
+    def _getattr(self, unique: int, nodeid: int, _body: memoryview) -> bytes:
+        if nodeid == p.ROOT_INODE:
+            return p.reply(unique, p.attr_out(p.ROOT_INODE, 0, p.S_IFDIR | 0o700))
+        return p.reply(unique, p.attr_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
+
+    def _open(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        # KEEP_CACHE: an open must not drop pages other processes have mapped.
+        return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE | p.FOPEN_NOFLUSH, 0))
+
+    def _ok(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        return p.reply(unique)
+
+    def _statfs(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        return p.reply(unique, p.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0))
+
+    def _refuse(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        return p.reply(unique, error=errno.EPERM)
