@@ -161,25 +161,38 @@ def _ensure_host_tools(progress: Progress) -> None:
     )
 
 
+def _deb822_sources(text: str) -> list[tuple[str, str]]:
+    """(uri, suites) of each enabled ``deb`` stanza of a deb822 ``.sources`` file."""
+    found: list[tuple[str, str]] = []
+    for stanza in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if ":" in line and not line.lstrip().startswith("#"):
+                key, value = line.split(":", 1)
+                fields[key.strip().lower()] = value.strip()
+        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
+            found += [(uri, fields.get("suites", "")) for uri in fields.get("uris", "").split()]
+    return found
+
+
+def _one_line_sources(text: str) -> list[tuple[str, str]]:
+    """(uri, suite) of each ``deb`` line of a one-line-style ``sources.list``."""
+    found: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        match = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+        if match:
+            found.append((match.group(1), match.group(2)))
+    return found
+
+
 def host_mirror() -> str:
     """The main Debian archive URI of the host's apt configuration."""
     candidates: list[tuple[str, str]] = []  # (uri, suites)
     for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        for stanza in Path(path).read_text().split("\n\n"):
-            fields: dict[str, str] = {}
-            for line in stanza.splitlines():
-                if ":" in line and not line.lstrip().startswith("#"):
-                    key, value = line.split(":", 1)
-                    fields[key.strip().lower()] = value.strip()
-            if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
-                for uri in fields.get("uris", "").split():
-                    candidates.append((uri, fields.get("suites", "")))
+        candidates += _deb822_sources(Path(path).read_text())
     for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
         with contextlib.suppress(OSError):
-            for line in Path(path).read_text().splitlines():
-                match = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
-                if match:
-                    candidates.append((match.group(1), match.group(2)))
+            candidates += _one_line_sources(Path(path).read_text())
     for uri, suites in candidates:
         if "security" in uri or "security" in suites:
             continue
