@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import publish
+from device.gpu.modes import MappingMode
 from device.control.manager import GpuServer
 from device.fuse import protocol as fp
 from device.gpu.physical import PhysicalGpu
@@ -106,7 +107,7 @@ def main() -> int:
     results: dict[str, object] = {"benchmark": "fault", "pages": args.pages}
     with GpuServer(PhysicalGpu(quota, 1, (itype,))) as server:
         device = server.create_instance(
-            "bench", "bench", workdir / "gpu.sock", mapping="fault"
+            "bench", "bench", workdir / "gpu.sock", mapping=MappingMode.FAULT
         ).device
         window = device.window
         fuse = window.fuse

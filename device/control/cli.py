@@ -12,8 +12,7 @@ from pathlib import Path
 from device.control.manager import GpuServer
 from device.errors import CapacityError
 from device.fuse.server import FuseUnavailable
-from device.gpu.aperture import DeniedPolicy, MappingMode
-from device.gpu.instance import INTERRUPT_MODES
+from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
 from device.gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
 from device.vfio_user.server import SocketPathError
@@ -81,16 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--interrupts",
-        choices=INTERRUPT_MODES,
-        default="msix",
+        type=InterruptMode,
+        choices=list(InterruptMode),
+        default=InterruptMode.MSIX,
         help="msix (default, 8 vectors) or msi (4 vectors). QEMU 11.1.3 aborts "
         "when it hot-unplugs a vfio-user device with MSI-X: use msi for "
         "instances you will device_del",
     )
     serve.add_argument(
         "--mapping",
-        choices=[m.value for m in MappingMode],
-        default="static",
+        type=MappingMode,
+        choices=list(MappingMode),
+        default=MappingMode.STATIC,
         help="how the guest reaches the BAR2 aperture: static (mapped whole at "
         "realize; default), fault (each page on first touch, checked against "
         "the placed resources; needs root for the FUSE mount) or trap (every "
@@ -98,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--denied",
-        choices=[p.value for p in DeniedPolicy],
-        default="sigbus",
+        type=DeniedPolicy,
+        choices=list(DeniedPolicy),
+        default=DeniedPolicy.SIGBUS,
         help="what a touch of an aperture page without a placed resource gets "
         "(fault and trap modes): sigbus (the VM dies, as on hardware; default), "
         "dummy (a zero page) or report (all ones, and the FAULT interrupt)",

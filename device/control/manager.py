@@ -15,6 +15,7 @@ from pathlib import Path
 
 from device.errors import CapacityError
 from device.gpu.instance import GpuInstance
+from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.physical import PhysicalGpu
 from device.vfio_user.server import Endpoint
 
@@ -38,9 +39,9 @@ class GpuServer:
         name: str,
         type_name: str,
         socket_path: Path,
-        interrupts: str = "msix",
-        mapping: str = "static",
-        denied: str = "sigbus",
+        interrupts: InterruptMode = InterruptMode.MSIX,
+        mapping: MappingMode = MappingMode.STATIC,
+        denied: DeniedPolicy = DeniedPolicy.SIGBUS,
     ) -> ServedInstance:
         with self._lock:
             if name in self.instances:

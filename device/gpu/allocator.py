@@ -11,8 +11,7 @@ import bisect
 from dataclasses import dataclass
 
 from device.errors import OutOfMemory
-
-PAGE_SIZE = 4096
+from device.units import PAGE_SIZE
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The BAR2 aperture of one instance: which pages the guest may touch now, and how.
 
-Theory of operation.  The aperture is the instance's partition of device memory, one
-file offset per byte of the partition.  A page may be touched only while a resource
-covering it is *placed*; ``allow``/``deny`` keep that page map current (resources call
+Theory of operation.  The aperture is a window on device memory, one file offset per
+byte of the window; the ``ApertureMap`` says which device memory backs each page
+and whether the guest may touch it now.  A page may be touched only while a resource
+covering it is *placed*; ``allow``/``deny`` keep the map current (the instance calls
 them on PLACE, REMOVE, DESTROY and reset).  How a touch reaches us depends on the
 mapping mode:
 
@@ -17,11 +18,9 @@ mapping mode:
   at the next touch.
 - ``trap``: no mapping; every access is a REGION message checked page by page.
 
-Denied-access policies: ``sigbus`` refuses (in fault mode QEMU gets SIGBUS and the VM
-dies, as on real hardware; in trap mode the access fails and QEMU reads all ones),
-``dummy`` gives a zero page (dropped again when real memory arrives) and drops
-writes, ``report`` gives all ones, drops writes, and reports the fault to the driver
-through the fault registers and interrupt.
+What a denied access gets is decided in one place for both paths
+(``access_policy.denied_access``); which device memory backs a page, and whether it
+may be touched, in another (``ApertureMap``).
 
 The device (engine, bring-up DMA) works on device memory directly, so in fault mode
 it calls ``sync`` before and after touching placed memory: the guest's dirty pages
@@ -30,7 +29,6 @@ are written back first, and the guest refetches what the device wrote.
 
 from __future__ import annotations
 
-import enum
 import errno
 import threading
 import time
@@ -43,20 +41,11 @@ import numpy.typing as npt
 
 from device.errors import VfioUserError
 from device.fuse.server import FuseAperture
-from device.gpu.allocator import PAGE_SIZE, Extent
+from device.gpu.access_policy import denied_access
+from device.gpu.aperture_map import ApertureMap
+from device.gpu.modes import DeniedPolicy, MappingMode
 from device.gpu.physical import PhysicalGpu
-
-
-class MappingMode(enum.Enum):
-    STATIC = "static"
-    FAULT = "fault"
-    TRAP = "trap"
-
-
-class DeniedPolicy(enum.Enum):
-    SIGBUS = "sigbus"
-    DUMMY = "dummy"
-    REPORT = "report"
+from device.units import PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -93,59 +82,48 @@ class FaultLog:
             self.records.clear()
 
 
-ONES_PAGE = b"\xff" * PAGE_SIZE
-ZERO_PAGE = bytes(PAGE_SIZE)
-
-
 class Aperture:
     def __init__(
         self,
         name: str,
         physical: PhysicalGpu,
-        partition: Extent,
-        size: int,
+        pages: ApertureMap,
         mode: MappingMode,
         policy: DeniedPolicy,
         report: Callable[[int, bool], None],
     ) -> None:
         self.name = name
         self.physical = physical
-        self.partition = partition
-        self.size = size
+        self.pages = pages
+        self.size = pages.size
         self.mode = mode
         self.policy = policy
         self.report = report  # (aperture offset, is_write) -> latch registers, raise irq
         self.log = FaultLog()
-        # One flag per page; readers (fault threads) look without a lock: a flag flip
-        # is always followed by a revoke, which settles any race.
-        self.allowed: npt.NDArray[np.bool_] = np.zeros(size // PAGE_SIZE, dtype=np.bool_)
         self.fuse: FuseAperture | None = None
         self.file_fd = -1
         if mode is MappingMode.FAULT:
-            self.fuse = FuseAperture(name, size, self)
+            self.fuse = FuseAperture(name, self.size, self)
             self.file_fd = self.fuse.start()
 
     # ------------------------------------------------------------------ permissions
 
-    def _pages(self, offset: int, length: int) -> slice:
-        return slice(offset // PAGE_SIZE, (offset + length + PAGE_SIZE - 1) // PAGE_SIZE)
-
     def allow(self, offset: int, length: int) -> None:
         """Make pages touchable (a resource was placed there)."""
-        self.allowed[self._pages(offset, length)] = True
+        self.pages.map(offset, length)
         self.revoke(offset, length)  # drop dummy pages cached in their place
 
     def deny(self, offset: int, length: int) -> None:
         """Make pages untouchable again; the guest's next touch faults."""
         self.revoke(offset, length)  # write back what the guest wrote while allowed
-        self.allowed[self._pages(offset, length)] = False
+        self.pages.unmap(offset, length)
         self.revoke(offset, length)  # and drop anything faulted in meanwhile
 
     def deny_all(self) -> None:
         self.deny(0, self.size)
 
     def is_allowed(self, offset: int, length: int) -> bool:
-        return bool(self.allowed[self._pages(offset, length)].all())
+        return self.pages.is_mapped(offset, length)
 
     def revoke(self, offset: int, length: int) -> None:
         if self.fuse is None or length <= 0:
@@ -158,13 +136,17 @@ class Aperture:
     def sync(self, offset: int, length: int) -> None:
         """Around device access to aperture memory (fault mode): write back the guest's
         dirty pages and drop its copies, so both sides see each other's writes."""
-        if self.fuse is not None and self.allowed[self._pages(offset, length)].any():
+        if self.fuse is not None and self.pages.any_mapped(offset, length):
             self.revoke(offset, length)
+
+    def sync_device(self, start: int, end: int) -> None:
+        """``sync`` for device memory [start, end), wherever the aperture shows it."""
+        self.sync(self.pages.to_aperture(start), end - start)
 
     # ------------------------------------------------------------------ fault mode callbacks
 
     def _memory(self, offset: int, length: int) -> npt.NDArray[np.uint8]:
-        start = self.partition.offset + offset
+        start = self.pages.to_device(offset)
         return self.physical.memory[start : start + length]
 
     def fault(self, offset: int, length: int) -> bytes | int:
@@ -176,15 +158,8 @@ class Aperture:
             # Some page in this window is not allowed: refuse the window, and the kernel
             # asks again for the touched page alone.
             return errno.EIO
-        if self.policy is DeniedPolicy.SIGBUS:
-            self.log.add("denied", offset, length)
-            return errno.EIO
-        if self.policy is DeniedPolicy.DUMMY:
-            self.log.add("dummy", offset, length)
-            return ZERO_PAGE[:length]
-        self.log.add("reported", offset, length)
-        self.report(offset, False)
-        return ONES_PAGE[:length]
+        data = self._denied(offset, length, write=False)
+        return errno.EIO if data is None else data  # EIO: the toucher gets SIGBUS
 
     def writeback(self, offset: int, data: bytes) -> None:
         """Dirty pages written back (FUSE WRITE): kept where allowed, dropped elsewhere."""
@@ -203,7 +178,10 @@ class Aperture:
         if self.mode is MappingMode.STATIC or self.is_allowed(offset, count):
             self.sync(offset, count)
             return self._memory(offset, count).tobytes()
-        return self._denied_access(offset, count, write=False)
+        data = self._denied(offset, count, write=False)
+        if data is None:
+            raise VfioUserError(errno.EFAULT, f"aperture {offset:#x}+{count} is not allocated")
+        return data
 
     def write(self, offset: int, data: bytes) -> None:
         if self.mode is MappingMode.STATIC or self.is_allowed(offset, len(data)):
@@ -211,18 +189,18 @@ class Aperture:
             self._memory(offset, len(data))[:] = np.frombuffer(data, np.uint8)
             self.sync(offset, len(data))
             return
-        self._denied_access(offset, len(data), write=True)
+        if self._denied(offset, len(data), write=True) is None:
+            raise VfioUserError(errno.EFAULT, f"aperture {offset:#x}+{len(data)} is not allocated")
 
-    def _denied_access(self, offset: int, count: int, *, write: bool) -> bytes:
-        if self.policy is DeniedPolicy.SIGBUS:
-            self.log.add("denied", offset, count)
-            raise VfioUserError(errno.EFAULT, f"aperture {offset:#x}+{count} is not allocated")
-        if self.policy is DeniedPolicy.DUMMY:
-            self.log.add("dummy", offset, count)
-            return bytes(count)
-        self.log.add("reported", offset, count)
-        self.report(offset, write)
-        return b"\xff" * count
+    def _denied(self, offset: int, count: int, *, write: bool) -> bytes | None:
+        """A denied access of ``count`` bytes: what reads see, or None to refuse it."""
+        denial = denied_access(self.policy)
+        self.log.add(denial.record, offset, count)
+        if denial.refuse:
+            return None
+        if denial.report:
+            self.report(offset, write)
+        return bytes([denial.fill]) * count
 
     def close(self) -> None:
         if self.fuse is not None:

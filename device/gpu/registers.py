@@ -27,6 +27,27 @@ class Access(enum.Enum):
     WO = "WO"  # write only: a command; reads return 0
 
 
+class WriteAction(enum.Enum):
+    """What a write to a register sets off, besides storing a RW register's value.  The
+    register file maps each action to its handler; nothing is keyed on names."""
+
+    NONE = "none"
+    INT_ACK = "int_ack"  # clear INT_STATUS bits
+    DEVICE_RESET = "device_reset"  # bit 0: reset the instance
+    RES_COMMAND = "res_command"  # run a resource command
+    DMA_CONTROL = "dma_control"  # start a bring-up DMA
+    RING_CONFIG = "ring_config"  # base or size: read-only while the ring is enabled
+    RING_CONTROL = "ring_control"  # enable or disable a ring
+    DOORBELL = "doorbell"  # wake the engine for a context
+
+
+class ReadAction(enum.Enum):
+    """Registers whose value is computed when read instead of stored."""
+
+    MEM_FREE = "mem_free"  # quota not used by resources (64 bits, LO/HI by ``shift``)
+    RESOURCE_COUNT = "resource_count"
+
+
 @dataclass(frozen=True)
 class Register:
     name: str
@@ -34,6 +55,10 @@ class Register:
     access: Access
     reset: int
     doc: str
+    on_write: WriteAction = WriteAction.NONE
+    on_read: ReadAction | None = None
+    context: int | None = None  # the command context a per-context register belongs to
+    shift: int = 0  # bit position of this word in a computed 64-bit value
 
 
 class ErrorCode(enum.IntEnum):
@@ -96,82 +121,39 @@ class DmaCommand(enum.IntEnum):
 
 def _context_registers(n: int) -> tuple[Register, ...]:
     base = CONTEXT_BLOCK + n * CONTEXT_STRIDE
-    p = f"CTX{n}_"
-    return (
-        Register(
-            p + "RING_BASE_LO",
-            base + 0x00,
-            Access.RW,
-            0,
-            f"Context {n} ring: guest physical address, bits 31:0 (64-byte aligned).",
-        ),
-        Register(
-            p + "RING_BASE_HI",
-            base + 0x04,
-            Access.RW,
-            0,
-            f"Context {n} ring: guest physical address, bits 63:32.",
-        ),
-        Register(
-            p + "RING_SIZE",
-            base + 0x08,
-            Access.RW,
-            0,
-            f"Context {n} ring: size in bytes, a power of two from 4 KiB to 1 MiB.",
-        ),
-        Register(
-            p + "RING_HEAD",
-            base + 0x0C,
-            Access.RO,
-            0,
-            f"Context {n} ring: byte offset of the next command the device reads.",
-        ),
-        Register(
-            p + "RING_TAIL",
-            base + 0x10,
-            Access.RW,
-            0,
-            f"Context {n} ring: byte offset after the last command written by the "
-            "driver (a multiple of 64).",
-        ),
-        Register(
-            p + "DOORBELL",
-            base + 0x14,
-            Access.WO,
-            0,
-            f"Context {n}: any write makes the device process commands up to RING_TAIL.",
-        ),
-        Register(
-            p + "RING_CONTROL",
-            base + 0x18,
-            Access.RW,
-            0,
-            f"Context {n}: bit 0 ENABLE. Setting it checks the ring configuration "
-            "and starts from HEAD = TAIL = 0; clearing it stops the ring.",
-        ),
-        Register(
-            p + "RING_STATUS",
-            base + 0x1C,
-            Access.RO,
-            0,
-            f"Context {n}: 0 stopped, 1 idle, 2 busy, 3 error (halted until the "
-            "ring is disabled and enabled again).",
-        ),
-        Register(
-            p + "FENCE_LO",
-            base + 0x20,
-            Access.RO,
-            0,
-            f"Context {n}: value of the last completed FENCE command, bits 31:0.",
-        ),
-        Register(
-            p + "FENCE_HI",
-            base + 0x24,
-            Access.RO,
-            0,
-            f"Context {n}: value of the last completed FENCE command, bits 63:32.",
-        ),
-    )
+    rows = (
+        # (name, offset, access, on_write, doc)
+        ("RING_BASE_LO", 0x00, Access.RW, WriteAction.RING_CONFIG,
+         " ring: guest physical address, bits 31:0 (64-byte aligned). Read-only while "
+         "the ring is enabled."),
+        ("RING_BASE_HI", 0x04, Access.RW, WriteAction.RING_CONFIG,
+         " ring: guest physical address, bits 63:32. Read-only while the ring is enabled."),
+        ("RING_SIZE", 0x08, Access.RW, WriteAction.RING_CONFIG,
+         " ring: size in bytes, a power of two from 4 KiB to 1 MiB. Read-only while the "
+         "ring is enabled."),
+        ("RING_HEAD", 0x0C, Access.RO, WriteAction.NONE,
+         " ring: byte offset of the next command the device reads."),
+        ("RING_TAIL", 0x10, Access.RW, WriteAction.NONE,
+         " ring: byte offset after the last command written by the driver (a multiple "
+         "of 64)."),
+        ("DOORBELL", 0x14, Access.WO, WriteAction.DOORBELL,
+         ": any write makes the device process commands up to RING_TAIL."),
+        ("RING_CONTROL", 0x18, Access.RW, WriteAction.RING_CONTROL,
+         ": bit 0 ENABLE. Setting it checks the ring configuration, latches base and size, "
+         "and starts from HEAD = TAIL = 0; clearing it stops the ring."),
+        ("RING_STATUS", 0x1C, Access.RO, WriteAction.NONE,
+         ": 0 stopped, 1 idle, 2 busy, 3 error (halted until the ring is disabled and "
+         "enabled again)."),
+        ("FENCE_LO", 0x20, Access.RO, WriteAction.NONE,
+         ": value of the last completed FENCE command, bits 31:0."),
+        ("FENCE_HI", 0x24, Access.RO, WriteAction.NONE,
+         ": value of the last completed FENCE command, bits 63:32."),
+    )  # fmt: skip
+    return tuple(
+        Register(f"CTX{n}_{name}", base + offset, access, 0, f"Context {n}{doc}",
+                 on_write, context=n)
+        for name, offset, access, on_write, doc in rows
+    )  # fmt: skip
 
 
 REGISTERS: tuple[Register, ...] = (
@@ -211,10 +193,21 @@ REGISTERS: tuple[Register, ...] = (
     ),
     Register("MEM_QUOTA_HI", 0x024, Access.RO, 0, "Device memory quota in bytes, bits 63:32."),
     Register(
-        "MEM_FREE_LO", 0x028, Access.RO, 0, "Quota not used by resources, in bytes, bits 31:0."
+        "MEM_FREE_LO",
+        0x028,
+        Access.RO,
+        0,
+        "Quota not used by resources, in bytes, bits 31:0.",
+        on_read=ReadAction.MEM_FREE,
     ),
     Register(
-        "MEM_FREE_HI", 0x02C, Access.RO, 0, "Quota not used by resources, in bytes, bits 63:32."
+        "MEM_FREE_HI",
+        0x02C,
+        Access.RO,
+        0,
+        "Quota not used by resources, in bytes, bits 63:32.",
+        on_read=ReadAction.MEM_FREE,
+        shift=32,
     ),
     Register(
         "CONTEXT_QUOTA",
@@ -223,7 +216,14 @@ REGISTERS: tuple[Register, ...] = (
         0,
         "Number of usable contexts (command rings); the others ignore writes.",
     ),
-    Register("RESOURCE_COUNT", 0x034, Access.RO, 0, "Number of live resources."),
+    Register(
+        "RESOURCE_COUNT",
+        0x034,
+        Access.RO,
+        0,
+        "Number of live resources.",
+        on_read=ReadAction.RESOURCE_COUNT,
+    ),
     Register(
         "INT_STATUS",
         0x040,
@@ -241,7 +241,14 @@ REGISTERS: tuple[Register, ...] = (
         "Interrupt mask: a set bit stops that cause from raising its vector (it still "
         "becomes pending in INT_STATUS).",
     ),
-    Register("INT_ACK", 0x048, Access.WO, 0, "Write 1s to clear the matching INT_STATUS bits."),
+    Register(
+        "INT_ACK",
+        0x048,
+        Access.WO,
+        0,
+        "Write 1s to clear the matching INT_STATUS bits.",
+        on_write=WriteAction.INT_ACK,
+    ),
     Register(
         "ERROR_CODE",
         0x080,
@@ -294,6 +301,7 @@ REGISTERS: tuple[Register, ...] = (
         0,
         "Write 1 to reset the instance: stops every ring, destroys every resource (its "
         "memory is zeroed), restores all registers.",
+        on_write=WriteAction.DEVICE_RESET,
     ),
     Register(
         "RES_SIZE_LO",
@@ -331,6 +339,7 @@ REGISTERS: tuple[Register, ...] = (
         Access.WO,
         0,
         "Write 1 CREATE, 2 DESTROY, 3 PLACE, 4 REMOVE. Runs at once; the result is in RES_STATUS.",
+        on_write=WriteAction.RES_COMMAND,
     ),
     Register(
         "RES_STATUS",
@@ -368,6 +377,7 @@ REGISTERS: tuple[Register, ...] = (
         0,
         "Bring-up DMA: write 1 to copy guest memory to the aperture, 2 to copy the "
         "aperture to guest memory. Ignored while DMA_STATUS is BUSY.",
+        on_write=WriteAction.DMA_CONTROL,
     ),
     Register(
         "DMA_STATUS",
@@ -395,3 +405,29 @@ assert len(BY_OFFSET) == len(REGISTERS), "two registers share an offset"
 
 def context_register(context: int, name: str) -> Register:
     return BY_NAME[f"CTX{context}_{name}"]
+
+
+@dataclass(frozen=True)
+class ContextRegisters:
+    """The offsets of one context's registers, for the code that owns the ring."""
+
+    base_lo: int
+    base_hi: int
+    size: int
+    head: int
+    tail: int
+    control: int
+    status: int
+    fence_lo: int
+    fence_hi: int
+
+    @classmethod
+    def of(cls, context: int) -> ContextRegisters:
+        def at(name: str) -> int:
+            return context_register(context, name).offset
+
+        return cls(
+            at("RING_BASE_LO"), at("RING_BASE_HI"), at("RING_SIZE"), at("RING_HEAD"),
+            at("RING_TAIL"), at("RING_CONTROL"), at("RING_STATUS"), at("FENCE_LO"),
+            at("FENCE_HI"),
+        )  # fmt: skip

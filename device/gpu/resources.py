@@ -2,8 +2,14 @@
 
 Resources are carved out of the instance's partition of device memory.  Handles are
 never reused while the instance lives, so a stale handle is always caught.  A
-resource may be *placed* in the BAR2 aperture, at the aperture offset that matches
-its place in the partition.
+resource may be *placed* in the BAR2 aperture (where: ``ApertureMap``).
+
+Lifetime.  A command that uses a resource *pins* it for its duration.  Removing a
+resource (DESTROY, reset) takes its handle away at once, but its memory is scrubbed
+and returned to the allocator only when nothing pins it: ``unpin`` hands back the
+resource whose last pin went, and the owner then scrubs and ``free``s it.  So a
+freed page is never written by a command that started before the DESTROY.
+Not thread-safe: the owner holds its lock.
 """
 
 from __future__ import annotations
@@ -21,6 +27,17 @@ class Resource:
     extent: Extent  # absolute offset in device memory, whole pages
     size: int  # bytes the driver asked for
     placed: bool = False
+    pins: int = 0  # commands using it now
+    removed: bool = False  # its handle is gone; memory freed when unpinned
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A command's hold on [start, end) of device memory inside one resource."""
+
+    resource: Resource
+    start: int
+    end: int
 
 
 class ResourceTable:
@@ -58,18 +75,38 @@ class ResourceTable:
         except KeyError:
             raise DeviceError(ErrorCode.INVALID_HANDLE, f"no resource {handle:#x}") from None
 
-    def destroy(self, handle: int) -> Resource:
+    def remove(self, handle: int) -> Resource:
+        """Take a handle away; free the resource's memory once ``pins`` is 0."""
         resource = self.get(handle)
         del self.resources[handle]
-        self.allocator.free(resource.extent)
+        resource.removed = True
         return resource
 
-    def aperture_offset(self, resource: Resource) -> int:
-        return resource.extent.offset - self.partition.offset
-
-    def clear(self) -> list[Resource]:
+    def remove_all(self) -> list[Resource]:
         gone = list(self.resources.values())
         for resource in gone:
-            self.allocator.free(resource.extent)
+            resource.removed = True
         self.resources.clear()
         return gone
+
+    def pin(self, handle: int, offset: int, length: int) -> Pin:
+        resource = self.get(handle)
+        if offset < 0 or length < 0 or offset + length > resource.size:
+            raise DeviceError(
+                ErrorCode.OUT_OF_BOUNDS,
+                f"{offset:#x}+{length:#x} outside resource {handle:#x} ({resource.size:#x})",
+            )
+        resource.pins += 1
+        start = resource.extent.offset + offset
+        return Pin(resource, start, start + length)
+
+    def unpin(self, pin: Pin) -> Resource | None:
+        """Drop a pin; returns the resource if it was removed and is now unused."""
+        resource = pin.resource
+        resource.pins -= 1
+        return resource if resource.removed and resource.pins == 0 else None
+
+    def free(self, resource: Resource) -> None:
+        """Return a removed, unpinned (and scrubbed) resource's pages."""
+        assert resource.removed and resource.pins == 0, "freeing a resource still in use"
+        self.allocator.free(resource.extent)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from device.gpu.instance import INTERRUPT_MODES
+from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.types import DEFAULT_TYPES
 from device.harness.vm import probe_kvm, qemu_command
 from guest_images import BuildError, ensure_runtime
@@ -41,21 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--interrupts",
-        default="msix",
-        choices=INTERRUPT_MODES,
+        type=InterruptMode,
+        default=InterruptMode.MSIX,
+        choices=list(InterruptMode),
         help="msix (default) or msi; use msi for instances you will "
         "hot-unplug (QEMU 11.1.3 aborts unplugging MSI-X vfio-user devices)",
     )
     parser.add_argument(
         "--mapping",
-        default="static",
-        choices=["static", "fault", "trap"],
+        type=MappingMode,
+        default=MappingMode.STATIC,
+        choices=list(MappingMode),
         help="aperture mapping mode (see 'python -m device serve --help')",
     )
     parser.add_argument(
         "--denied",
-        default="sigbus",
-        choices=["sigbus", "dummy", "report"],
+        type=DeniedPolicy,
+        default=DeniedPolicy.SIGBUS,
+        choices=list(DeniedPolicy),
         help="denied-access policy for the fault and trap modes",
     )
     parser.add_argument(
@@ -115,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         "--type",
         args.type,
         "--interrupts",
-        args.interrupts,
+        args.interrupts.value,
         "--mapping",
-        args.mapping,
+        args.mapping.value,
         "--denied",
-        args.denied,
+        args.denied.value,
     ]
     for path in sockets:
         serve += ["--socket", str(path)]
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         progress(
-            f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts}), QEMU "
+            f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts.value}), QEMU "
             f"{runtime.qemu_version} under {accel.upper()}"
         )
         progress(f"mgpu: QMP socket {qmp_path}; server log {server_log}")

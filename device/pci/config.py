@@ -14,8 +14,12 @@ import enum
 import errno
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from device.errors import VfioUserError
+
+if TYPE_CHECKING:
+    from device.pci.capabilities import Capability
 
 CONFIG_SPACE_SIZE = 4096
 LEGACY_CONFIG_SIZE = 256
@@ -165,6 +169,15 @@ class ConfigSpace:
         self._last_cap = offset
         self._next_cap_offset = (offset + length + 3) & ~3
         return offset
+
+    def add(self, capability: Capability) -> int:
+        """Append a capability made by ``device.pci.capabilities``; returns its offset."""
+        return self.add_capability(
+            capability.cap_id,
+            capability.body,
+            wmask=capability.wmask,
+            w1cmask=capability.w1cmask,
+        )
 
     def seal(self) -> None:
         """Remember the current image as the power-on state."""

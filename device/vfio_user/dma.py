@@ -9,10 +9,12 @@ DMA_READ/DMA_WRITE messages (a later layer).  Ranges never overlap.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +64,10 @@ class MessageDma(Protocol):
 
     def dma_read_messages(self, address: int, length: int) -> bytes: ...
     def dma_write_messages(self, address: int, data: bytes) -> None: ...
+    def block_requests(self) -> None:
+        """Fail every request waiting for the client, and every new one, until unblocked."""
+
+    def unblock_requests(self) -> None: ...
 
 
 class DmaTable:
@@ -165,6 +171,21 @@ class DmaTable:
                 if address + length <= region.end:
                     return region
         raise VfioUserError(errno.EFAULT, f"guest address {address:#x}+{length:#x} is not mapped")
+
+    @contextlib.contextmanager
+    def requests_cancelled(self) -> Iterator[None]:
+        """Inside the block, message DMA fails at once with ECANCELED, including the
+        requests already waiting: a device reset or destruction must not wait for a
+        client that may itself be waiting for the reset's reply."""
+        message_dma = self.message_dma
+        if message_dma is None:
+            yield
+            return
+        message_dma.block_requests()
+        try:
+            yield
+        finally:
+            message_dma.unblock_requests()
 
     # ------------------------------------------------------------------ device access
 

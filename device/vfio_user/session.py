@@ -114,6 +114,7 @@ class Session:
         self._waiters: dict[int, _Waiter] = {}
         self._waiters_lock = threading.Lock()
         self._closed = False
+        self._blocked = 0  # block_requests() in force; guarded by _waiters_lock
         self.negotiated = False
         self.client_capabilities: dict[str, object] = {}
         self.max_data_xfer = SERVER_MAX_DATA_XFER
@@ -152,6 +153,21 @@ class Session:
 
     # ------------------------------------------------------------------ requests to the client
 
+    def block_requests(self) -> None:
+        """Cancel every request waiting for the client, and refuse new ones until
+        ``unblock_requests`` (a device reset must not wait for a reply that the client
+        may send only after it has ours)."""
+        with self._waiters_lock:
+            self._blocked += 1
+            waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.error = errno.ECANCELED
+            waiter.done.set()
+
+    def unblock_requests(self) -> None:
+        with self._waiters_lock:
+            self._blocked -= 1
+
     def deliver_reply(self, frame: Frame) -> None:
         """A reply from the client: wake the request waiting for it, or drop it."""
         with self._waiters_lock:
@@ -179,6 +195,8 @@ class Session:
         with self._waiters_lock:
             if self._closed:
                 raise VfioUserError(errno.ENOTCONN, "client disconnected")
+            if self._blocked:
+                raise VfioUserError(errno.ECANCELED, f"{command.name}: the device is resetting")
             msg_id = next(self._peer_ids) & 0xFFFF
             self._waiters[msg_id] = waiter
         try:
@@ -191,6 +209,8 @@ class Session:
         finally:
             with self._waiters_lock:
                 self._waiters.pop(msg_id, None)
+        if waiter.error == errno.ECANCELED:
+            raise VfioUserError(waiter.error, f"{command.name}: cancelled by a device reset")
         if waiter.error:
             raise VfioUserError(waiter.error, f"{command.name}: client disconnected")
         reply = waiter.reply

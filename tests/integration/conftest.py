@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def instance(gpu_server: GpuServer, short_tmp: Path) -> CreateInstance:
     served on ``short_tmp / "NAME.sock"`` (``short_tmp`` is where the test's VMs go too).
     """
 
-    def create(name: str, type_name: str = "mgpu-64", **options: str) -> ServedInstance:
+    def create(name: str, type_name: str = "mgpu-64", **options: Any) -> ServedInstance:
         return gpu_server.create_instance(name, type_name, short_tmp / f"{name}.sock", **options)
 
     return create

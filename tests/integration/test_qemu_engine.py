@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device.gpu import registers as regs
+from device.gpu.modes import InterruptMode
 from device.harness.vm import GuestVM
 from guest_images import Runtime, parse_results
 from tests.integration.conftest import CreateInstance
@@ -20,7 +20,7 @@ def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
     runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
 ) -> None:
     msix = instance("gpu0")
-    msi = instance("gpu1", interrupts="msi")
+    msi = instance("gpu1", interrupts=InterruptMode.MSI)
     with GuestVM(
         runtime, short_tmp, vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]
     ) as vm:
@@ -41,7 +41,7 @@ def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
         for served in (msix, msi):
             device = served.device
             assert device.engine.commands_executed == 8
-            assert device.register_values[regs.BY_NAME["INT_STATUS"].offset] == 0
+            assert device.registers.get("INT_STATUS") == 0
             assert device.resources.resources, "the guest's resources live in device memory"
         # Unloading the driver frees its vectors; the device stays usable.
         vm.check("rmmod mgpu")

@@ -12,6 +12,7 @@ import pytest
 
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
+from device.gpu.modes import DeniedPolicy, MappingMode
 from device.harness.vm import GuestError, GuestVM
 from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
@@ -45,17 +46,17 @@ def host_view(device: GpuInstance, offset: int, length: int) -> bytes:
     return bytes(device.aperture[offset : offset + length])
 
 
-@pytest.mark.parametrize("mapping", ["fault", "trap"])
+@pytest.mark.parametrize("mapping", [MappingMode.FAULT, MappingMode.TRAP], ids=str)
 def test_pages_follow_allocations_under_each_policy(
     runtime: Runtime,
     instance: CreateInstance,
     short_tmp: Path,
     figures: dict[str, float],
-    mapping: str,
+    mapping: MappingMode,
 ) -> None:
     served = [
-        instance("gpu0", mapping=mapping, denied="dummy"),
-        instance("gpu1", mapping=mapping, denied="report"),
+        instance("gpu0", mapping=mapping, denied=DeniedPolicy.DUMMY),
+        instance("gpu1", mapping=mapping, denied=DeniedPolicy.REPORT),
     ]
     dummy, report = (s.device for s in served)
     sockets = [s.endpoint.path for s in served]
@@ -72,7 +73,7 @@ def test_pages_follow_allocations_under_each_policy(
         vm.check(f"mgpu-probe fill {d} 2 {offset:#x} 65536 0x1234")
         vm.check(f"mgpu-probe check {d} 2 {offset:#x} 65536 0x1234")
         assert host_view(dummy, offset, 65536) == pattern_bytes(65536, 0x1234)
-        if mapping == "fault":
+        if mapping is MappingMode.FAULT:
             assert dummy.window.log.count("served") >= 1
         # Free it: the page faults again and gets the policy, not the old data.
         res(vm, d, "destroy", handle)
@@ -97,7 +98,7 @@ def test_pages_follow_allocations_under_each_policy(
 def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
     runtime: Runtime, instance: CreateInstance, short_tmp: Path
 ) -> None:
-    served = instance("gpu0", mapping="fault", denied="sigbus")
+    served = instance("gpu0", mapping=MappingMode.FAULT, denied=DeniedPolicy.SIGBUS)
     with GuestVM(runtime, short_tmp, vfio_user_sockets=[served.endpoint.path]) as vm:
         vm.start()
         bdf = bdf_of(vm, served.device, 0x5B)
@@ -125,8 +126,8 @@ def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
 def test_two_vms_on_one_physical_gpu_never_see_each_others_data(
     runtime: Runtime, instance: CreateInstance, short_tmp: Path
 ) -> None:
-    a = instance("a", mapping="fault", denied="dummy")
-    b = instance("b", mapping="fault", denied="dummy")
+    a = instance("a", mapping=MappingMode.FAULT, denied=DeniedPolicy.DUMMY)
+    b = instance("b", mapping=MappingMode.FAULT, denied=DeniedPolicy.DUMMY)
     secret = pattern_bytes(8192, 0x5EC2E7)
     with (
         GuestVM(runtime, short_tmp / "vm-a", vfio_user_sockets=[a.endpoint.path]) as vm_a,

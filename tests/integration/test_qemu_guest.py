@@ -15,7 +15,8 @@ import pytest
 from qemu.qmp.util import get_or_create_event_loop
 
 from device.gpu import registers as regs
-from device.gpu.instance import DEVICE_ID, VENDOR_ID
+from device.gpu.identity import DEVICE_ID, VENDOR_ID
+from device.gpu.modes import InterruptMode
 from device.harness.vm import GuestVM
 from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
@@ -51,7 +52,7 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
     # gpu0 has MSI-X (the default); gpu1 uses MSI, because QEMU 11.1.3 aborts when it
     # hot-unplugs a vfio-user device with MSI-X.
     gpu0 = instance("gpu0")
-    gpu1 = instance("gpu1", interrupts="msi")
+    gpu1 = instance("gpu1", interrupts=InterruptMode.MSI)
     device = gpu0.device
     vm = GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu0.endpoint.path, gpu1.endpoint.path])
     with vm:
@@ -83,7 +84,7 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
         assert int(ident["value"], 0) == regs.ID_VALUE
         assert device.region_access_count[PciRegion.BAR0] > reads_before
         vm.check(f"mgpu-probe write {bdf} 0 0x8 0x5a5aa5a5")
-        assert device.register_values[regs.BY_NAME["SCRATCH"].offset] == 0x5A5AA5A5
+        assert device.registers.get("SCRATCH") == 0x5A5AA5A5
         latency = parse_results(vm.check(f"mgpu-probe latency {bdf} 0 0x0 1000"))
         figures["trapped_read_median_us"] = int(latency["median_ns"]) / 1000
         figures["trapped_read_p99_us"] = int(latency["p99_ns"]) / 1000

@@ -27,6 +27,7 @@ from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.commands import Opcode, encode
 from device.gpu.instance import GpuInstance
+from device.gpu.modes import DeniedPolicy, MappingMode
 from device.gpu.physical import PhysicalGpu
 from device.gpu.types import InstanceType
 from device.harness.driver import MgpuDriver
@@ -74,7 +75,9 @@ def make_guest(short_tmp: Path) -> Iterator[Callable[..., tuple[Guest, GpuInstan
     server = GpuServer(PhysicalGpu(16 * MiB, contexts=4, types=TYPES))
     guests: list[Guest] = []
 
-    def make(denied: str = "sigbus", mapping: str = "fault") -> tuple[Guest, GpuInstance]:
+    def make(
+        denied: DeniedPolicy = DeniedPolicy.SIGBUS, mapping: MappingMode = MappingMode.FAULT
+    ) -> tuple[Guest, GpuInstance]:
         name = f"g{len(guests)}"
         served = server.create_instance(
             name, "small", workdir / f"{name}.sock", mapping=mapping, denied=denied
@@ -218,26 +221,26 @@ def test_two_instances_never_see_each_others_memory(
     assert offset2 == offset and a.touch(offset, 16) == bytes(16)
 
 
-@pytest.mark.parametrize("denied", ["sigbus", "dummy", "report"])
-def test_trap_mode_checks_every_access(denied: str, short_tmp: Path) -> None:
+@pytest.mark.parametrize("denied", list(DeniedPolicy), ids=str)
+def test_trap_mode_checks_every_access(denied: DeniedPolicy, short_tmp: Path) -> None:
     workdir = short_tmp
     with GpuServer(PhysicalGpu(8 * MiB, contexts=2, types=TYPES)) as server:
         served = server.create_instance(
-            "t", "small", workdir / "t.sock", mapping="trap", denied=denied
+            "t", "small", workdir / "t.sock", mapping=MappingMode.TRAP, denied=denied
         )
         with VfioUserClient.connect(served.endpoint.path) as client:
             info, fd = client.region_info(PciRegion.BAR2)
             assert fd is None and not info.flags & 4, "trap mode: no mmap, no fd"
             driver = MgpuDriver(client)
-            if denied == "sigbus":
+            if denied is DeniedPolicy.SIGBUS:
                 with pytest.raises(VfioUserError) as exc:
                     client.region_read(PciRegion.BAR2, 0, 4)
                 assert exc.value.errno == errno.EFAULT
             else:
-                expected = bytes(4) if denied == "dummy" else b"\xff" * 4
+                expected = bytes(4) if denied is DeniedPolicy.DUMMY else b"\xff" * 4
                 assert client.region_read(PciRegion.BAR2, 0, 4) == expected
                 client.region_write(PciRegion.BAR2, 0, b"drop")  # dropped
-            if denied == "report":
+            if denied is DeniedPolicy.REPORT:
                 assert driver.read("FAULT_COUNT") == 2
                 assert driver.read("FAULT_FLAGS") == 1, "the last one was a write"
             handle = driver.create(PAGE)
@@ -248,7 +251,11 @@ def test_trap_mode_checks_every_access(denied: str, short_tmp: Path) -> None:
                 "the dropped write never reached memory"
             )
             driver.remove(handle)
-            with pytest.raises(VfioUserError) if denied == "sigbus" else contextlib.nullcontext():
+            with (
+                pytest.raises(VfioUserError)
+                if denied is DeniedPolicy.SIGBUS
+                else contextlib.nullcontext()
+            ):
                 client.region_read(PciRegion.BAR2, offset + 8, 4)
             driver.close()
 
@@ -260,7 +267,11 @@ def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
     workdir.mkdir()
     with GpuServer(PhysicalGpu(4 * MiB, contexts=2, types=TYPES)) as server:
         first = server.create_instance(
-            "first", "small", workdir / "a.sock", mapping="fault", denied="dummy"
+            "first",
+            "small",
+            workdir / "a.sock",
+            mapping=MappingMode.FAULT,
+            denied=DeniedPolicy.DUMMY,
         )
         old = Guest(VfioUserClient.connect(first.endpoint.path))
         _, offset = old.placed(PAGE, fill=0x01010101)
@@ -268,7 +279,11 @@ def test_destroyed_instance_mapping_never_reaches_the_next_owner_of_its_memory(
         old.client.close()
         server.destroy_instance("first")  # its partition goes back to the pool, zeroed
         second = server.create_instance(
-            "second", "small", workdir / "b.sock", mapping="fault", denied="dummy"
+            "second",
+            "small",
+            workdir / "b.sock",
+            mapping=MappingMode.FAULT,
+            denied=DeniedPolicy.DUMMY,
         )
         assert second.device.partition.offset == first.device.partition.offset
         new = Guest(VfioUserClient.connect(second.endpoint.path))

@@ -85,7 +85,7 @@ def test_sigkilled_client_leaks_nothing_and_device_state_survives(endpoint: Endp
     # The device kept its state, and the next client is served.
     device = endpoint.device
     assert isinstance(device, GpuInstance)
-    assert device.dma is None and device.irqs is None
+    assert device.dma is None and device.interrupts.lines is None
     with VfioUserClient.connect(endpoint.path) as client:
         assert client.read32(PciRegion.BAR0, regs.BY_NAME["SCRATCH"].offset) == 0xC0FFEE
         assert client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) == regs.ID_VALUE

@@ -18,6 +18,7 @@ from device.control.manager import GpuServer
 from device.errors import CapacityError
 from device.gpu import registers as regs
 from device.gpu.commands import COMMAND_SIZE, Opcode, encode
+from device.gpu.modes import InterruptMode
 from device.gpu.physical import PhysicalGpu
 from device.gpu.registers import ErrorCode
 from device.gpu.types import InstanceType
@@ -435,7 +436,7 @@ def test_reset_frees_resources_zeroes_memory_restores_registers(
     elif how == "register":
         driver.write("DEVICE_RESET", 1)
     else:
-        devctl = device._pcie_offset + 0x08
+        devctl = device.function.devctl
         value = int.from_bytes(driver.client.region_read(PciRegion.CONFIG, devctl, 2), "little")
         driver.client.region_write(PciRegion.CONFIG, devctl, (value | 0x8000).to_bytes(2, "little"))
     assert driver.read("SCRATCH") == 0
@@ -491,7 +492,7 @@ def test_two_instances_cannot_reach_each_others_resources(
 def test_msi_mode_has_msi_capability_and_raises_msi_vectors(
     server: GpuServer, workdir: Path
 ) -> None:
-    served = server.create_instance("m", "small", workdir / "m.sock", interrupts="msi")
+    served = server.create_instance("m", "small", workdir / "m.sock", interrupts=InterruptMode.MSI)
     with VfioUserClient.connect(served.endpoint.path) as client:
         config = client.region_read(PciRegion.CONFIG, 0, 256)
         caps, pointer = [], config[0x34]

@@ -491,7 +491,7 @@ def test_irq_eventfds_assign_fire_deassign_disable(endpoint: Endpoint) -> None:
         fds = eventfds(3)
         client.set_irq_eventfds(PciIrq.MSIX, fds)
         assert open_fds() == with_client + 6, "the server keeps its own copies"
-        irqs = device.irqs
+        irqs = device.interrupts.lines
         assert irqs is not None and endpoint.session is not None
         assert irqs is endpoint.session.irqs
         assert irqs.assigned(PciIrq.MSIX) == [0, 1, 2]
@@ -525,7 +525,9 @@ def test_reassigning_a_vector_closes_the_old_eventfd(endpoint: Endpoint) -> None
         client.set_irq_eventfds(PciIrq.MSIX, (first,), start=4)
         client.set_irq_eventfds(PciIrq.MSIX, (second,), start=4)
         assert open_fds() == with_client + 3
-        assert device.irqs is not None and device.irqs.raise_irq(PciIrq.MSIX, 4)
+        assert device.interrupts.lines is not None and device.interrupts.lines.raise_irq(
+            PciIrq.MSIX, 4
+        )
         assert os.eventfd_read(second) == 1
         with pytest.raises(BlockingIOError):
             os.eventfd_read(first)
@@ -556,8 +558,8 @@ def test_mask_unmask_keeps_an_interrupt_pending_and_err_req_take_eventfds(
         (vector,) = eventfds(1)
         client.set_irq_eventfds(PciIrq.MSIX, (vector,))
         client.set_irqs(PciIrq.MSIX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_MASK, 0, 1)
-        assert device.irqs is not None
-        assert not device.irqs.raise_irq(PciIrq.MSIX, 0)
+        assert device.interrupts.lines is not None
+        assert not device.interrupts.lines.raise_irq(PciIrq.MSIX, 0)
         with pytest.raises(BlockingIOError):
             os.eventfd_read(vector)
         client.set_irqs(PciIrq.MSIX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_UNMASK, 0, 1)
@@ -565,8 +567,8 @@ def test_mask_unmask_keeps_an_interrupt_pending_and_err_req_take_eventfds(
         err, req = eventfds(2)
         client.set_irq_eventfds(PciIrq.ERR, (err,))
         client.set_irq_eventfds(PciIrq.REQ, (req,))
-        assert device.irqs.raise_irq(PciIrq.ERR) and os.eventfd_read(err) == 1
-        assert device.irqs.raise_irq(PciIrq.REQ) and os.eventfd_read(req) == 1
+        assert device.interrupts.lines.raise_irq(PciIrq.ERR) and os.eventfd_read(err) == 1
+        assert device.interrupts.lines.raise_irq(PciIrq.REQ) and os.eventfd_read(req) == 1
         close_all((vector, err, req))
 
 
@@ -864,7 +866,7 @@ def test_client_vanishing_mid_message_leaves_nothing_but_device_state(
     assert endpoint.session is None
     assert len(session.dma) == 0, "the DMA table is emptied"
     assert session.irqs.assigned(PciIrq.MSIX) == [], "eventfds are dropped"
-    assert device.irqs is None and device.dma is None
+    assert device.interrupts.lines is None and device.dma is None
     assert open_fds() == before, "eventfds and fds of the unfinished message are closed"
     assert "unit-guest-ram" not in Path("/proc/self/maps").read_text(), "guest RAM unmapped"
     with VfioUserClient.connect(endpoint.path) as client:
