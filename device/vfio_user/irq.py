@@ -6,11 +6,22 @@ to de-assign them); DATA_NONE with count 0 disables the whole index; DATA_NONE o
 DATA_BOOL with a count fires the vectors (as if the device raised them).
 ACTION_MASK/UNMASK mask vectors; an interrupt raised while masked stays pending and
 fires on unmask.
+
+Theory of operation.  A SET_IRQS is checked whole (flags, index, vector range, and
+that every fd really is an eventfd) before anything changes, so a refused request
+leaves the table as it was and has all its fds closed.  Raising a vector writes 1 to
+its eventfd.  That write comes from device threads and from the socket thread (a
+DATA_BOOL fire), with the table lock held, so it must never block or raise whatever
+the client did to its eventfd: the eventfds are made non-blocking when accepted, a
+saturated counter (EAGAIN) means the interrupt is already pending (counted as
+coalesced), and any other failure is counted and logged once per vector.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -19,17 +30,27 @@ from device.errors import VfioUserError
 from device.vfio_user.protocol.constants import IRQ_SET_ACTION_MASK, IRQ_SET_DATA_MASK, IrqSetFlags
 from device.vfio_user.protocol.messages import IrqInfo, SetIrqs
 
+log = logging.getLogger(__name__)
+
 _ONE = (1).to_bytes(8, "little")
+_EVENTFD_LINK = "anon_inode:[eventfd]"  # what /proc/self/fd/N reads for an eventfd
+
+Key = tuple[int, int]  # (IRQ index, vector)
 
 
 class IrqLines:
     def __init__(self, infos: Sequence[IrqInfo]) -> None:
         self._lock = threading.Lock()
         self._counts = {info.index: info.count for info in infos}
-        self._eventfds: dict[tuple[int, int], int] = {}
-        self._masked: set[tuple[int, int]] = set()
-        self._pending: set[tuple[int, int]] = set()
-        self.fired: dict[tuple[int, int], int] = {}  # counters, for tests and tracing
+        self._eventfds: dict[Key, int] = {}
+        self._masked: set[Key] = set()
+        self._pending: set[Key] = set()
+        # Counters, for tests and tracing: eventfd writes done, raises that found the
+        # counter saturated (the interrupt was pending already), writes that failed.
+        self.fired: dict[Key, int] = {}
+        self.coalesced: dict[Key, int] = {}
+        self.failed: dict[Key, int] = {}
+        self._failure_logged: set[Key] = set()
 
     def eventfd(self, index: int, vector: int) -> int | None:
         with self._lock:
@@ -49,6 +70,23 @@ class IrqLines:
                 os.close(fd)
 
     def _apply(self, request: SetIrqs, fds: list[int]) -> None:
+        data_type, action = self._check(request)
+        vectors = range(request.start, request.start + request.count)
+        if fds:
+            _accept_eventfds(fds)
+        with self._lock:
+            if action != IrqSetFlags.ACTION_TRIGGER:
+                self._set_mask_locked(request, vectors, action == IrqSetFlags.ACTION_MASK)
+            elif data_type == IrqSetFlags.DATA_EVENTFD:
+                self._assign_locked(request.index, vectors, fds)
+            elif data_type == IrqSetFlags.DATA_NONE and request.count == 0:
+                self._disable_locked(request.index)
+            else:
+                for vector in self._selected(request, vectors):
+                    self._raise_locked(request.index, vector)
+
+    def _check(self, request: SetIrqs) -> tuple[int, int]:
+        """Refuse a request this device cannot apply; return its data type and action."""
         data_type = request.flags & IRQ_SET_DATA_MASK
         action = request.flags & IRQ_SET_ACTION_MASK
         if request.flags & ~(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
@@ -66,35 +104,31 @@ class IrqLines:
         if data_type == IrqSetFlags.DATA_EVENTFD and action != IrqSetFlags.ACTION_TRIGGER:
             # Resample/unmask eventfds are an INTx+KVM feature this device does not offer.
             raise VfioUserError(errno.ENOTSUP, "eventfds are only accepted for ACTION_TRIGGER")
-        vectors = range(request.start, request.start + request.count)
-        with self._lock:
-            if action == IrqSetFlags.ACTION_TRIGGER:
-                if data_type == IrqSetFlags.DATA_EVENTFD:
-                    for n, vector in enumerate(vectors):
-                        old = self._eventfds.pop((request.index, vector), None)
-                        if old is not None:
-                            os.close(old)
-                        if fds:
-                            self._eventfds[(request.index, vector)] = fds[n]
-                    if fds:
-                        fds.clear()  # now owned by the table
-                elif data_type == IrqSetFlags.DATA_NONE and request.count == 0:
-                    self._disable_locked(request.index)
-                else:
-                    fire = self._selected(request, vectors)
-                    for vector in fire:
-                        self._raise_locked(request.index, vector)
-            else:
-                masking = action == IrqSetFlags.ACTION_MASK
-                for vector in self._selected(request, vectors):
-                    key = (request.index, vector)
-                    if masking:
-                        self._masked.add(key)
-                    else:
-                        self._masked.discard(key)
-                        if key in self._pending:
-                            self._pending.discard(key)
-                            self._raise_locked(*key)
+        return data_type, action
+
+    def _assign_locked(self, index: int, vectors: range, fds: list[int]) -> None:
+        """ACTION_TRIGGER|DATA_EVENTFD: take ``fds`` for ``vectors``; none de-assigns."""
+        for n, vector in enumerate(vectors):
+            key = (index, vector)
+            old = self._eventfds.pop(key, None)
+            if old is not None:
+                os.close(old)
+            self._failure_logged.discard(key)  # a new eventfd gets its own warning
+            if fds:
+                self._eventfds[key] = fds[n]
+        fds.clear()  # now owned by the table
+
+    def _set_mask_locked(self, request: SetIrqs, vectors: range, masking: bool) -> None:
+        """ACTION_MASK/UNMASK; unmasking fires what was raised while masked."""
+        for vector in self._selected(request, vectors):
+            key = (request.index, vector)
+            if masking:
+                self._masked.add(key)
+                continue
+            self._masked.discard(key)
+            if key in self._pending:
+                self._pending.discard(key)
+                self._raise_locked(*key)
 
     @staticmethod
     def _selected(request: SetIrqs, vectors: range) -> list[int]:
@@ -103,7 +137,8 @@ class IrqLines:
         return list(vectors)
 
     def raise_irq(self, index: int, vector: int = 0) -> bool:
-        """Signal a vector's eventfd; returns False when it has none or is masked."""
+        """Signal a vector's eventfd; returns False when it has none, is masked or the
+        signal failed.  Never raises and never blocks, whatever the client did."""
         with self._lock:
             return self._raise_locked(index, vector)
 
@@ -115,7 +150,19 @@ class IrqLines:
         fd = self._eventfds.get(key)
         if fd is None:
             return False
-        os.write(fd, _ONE)
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            # The counter is saturated: the client has not read it since, so the
+            # interrupt is pending already and this one coalesces with it.
+            self.coalesced[key] = self.coalesced.get(key, 0) + 1
+            return True
+        except OSError as exc:
+            self.failed[key] = self.failed.get(key, 0) + 1
+            if key not in self._failure_logged:
+                self._failure_logged.add(key)
+                log.warning("IRQ %d vector %d: signalling its eventfd failed: %s", *key, exc)
+            return False
         self.fired[key] = self.fired.get(key, 0) + 1
         return True
 
@@ -132,3 +179,30 @@ class IrqLines:
             self._eventfds.clear()
             self._masked.clear()
             self._pending.clear()
+
+
+def _accept_eventfds(fds: list[int]) -> None:
+    """Refuse the request unless every fd is an eventfd; make them all non-blocking.
+
+    Checked for all fds before any is changed or kept, so a refusal changes nothing
+    (the caller closes them all).  O_NONBLOCK is a flag of the open file description,
+    which SCM_RIGHTS shares with the client: setting it changes QEMU's side too.
+    That is fine: QEMU's event notifiers are created non-blocking anyway, and a
+    blocking write here could hang a device thread or the socket thread for good on
+    a counter the client never reads."""
+    for n, fd in enumerate(fds):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            raise VfioUserError(
+                errno.EINVAL, f"SET_IRQS fd #{n}: cannot inspect it: {exc}"
+            ) from None
+        if target != _EVENTFD_LINK:
+            raise VfioUserError(errno.EINVAL, f"SET_IRQS fd #{n} is not an eventfd but {target!r}")
+    for n, fd in enumerate(fds):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        except OSError as exc:
+            raise VfioUserError(
+                errno.EINVAL, f"SET_IRQS fd #{n}: cannot make it non-blocking: {exc}"
+            ) from None
