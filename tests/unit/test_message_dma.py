@@ -16,7 +16,7 @@ import pytest
 from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.vfio_user.client import BytearrayMemory, VfioUserClient
+from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.protocol.constants import PciIrq, PciRegion
 from device.vfio_user.server import Endpoint
 
@@ -122,8 +122,7 @@ def test_fd_backed_memory_is_accessed_directly_without_messages(
     served: tuple[GpuInstance, Endpoint, VfioUserClient, BytearrayMemory],
 ) -> None:
     device, _, client, _ = served
-    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-    os.ftruncate(ram, 1 << 20)
+    ram = create_guest_ram("guest-ram", 1 << 20)  # sealed: the server maps it
     client.dma_map(0x4000_0000, 1 << 20, fd=ram)
     os.pwrite(ram, b"through the fd", 0x800)
     before = client.server_requests_served
