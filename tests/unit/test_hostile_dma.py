@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -359,3 +360,37 @@ def test_fds_lost_to_the_fd_limit_are_reported_as_such() -> None:
     message = result.stdout
     assert "file descriptors were lost" in message, message
     assert "fd limit" in message and "fds open" in message and "RLIMIT_NOFILE" in message
+
+
+def test_workers_copying_while_the_client_maps_and_unmaps_never_touch_freed_memory() -> None:
+    ram = create_guest_ram("churned-guest-ram", 1 << 20)
+    table = DmaTable()
+    stop = threading.Event()
+    unexpected: list[BaseException] = []
+
+    def worker() -> None:
+        out = np.zeros(1 << 20, dtype=np.uint8)
+        while not stop.is_set():
+            try:
+                table.read_into(GUEST, out)
+                table.write(GUEST, out[:65536].tobytes())
+                int(table.view(GUEST, 4096).sum())
+            except VfioUserError as exc:  # unmapped at that moment: the expected refusal
+                assert exc.errno == errno.EFAULT
+            except BaseException as exc:  # the test reports it
+                unexpected.append(exc)
+                return
+
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in workers:
+        thread.start()
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        table.map(DmaMap(32, 3, 0, GUEST, 1 << 20, os.dup(ram)))
+        table.unmap(DmaUnmap(24, 0, GUEST, 1 << 20))
+    stop.set()
+    for thread in workers:
+        thread.join(10)
+    os.close(ram)
+    assert not unexpected, unexpected[0]
+    assert not mapped("churned-guest-ram"), "the last holder's release unmapped it"
