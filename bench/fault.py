@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import publish
-from device.gpu.modes import MappingMode
 from device.control.manager import GpuServer
 from device.fuse import protocol as fp
+from device.gpu.modes import MappingMode
 from device.gpu.physical import PhysicalGpu
 from device.gpu.types import InstanceType
 

@@ -15,7 +15,7 @@ import time
 
 from device.gpu import registers as regs
 from device.gpu.commands import COMMAND_SIZE, Opcode, encode
-from device.vfio_user.client import VfioUserClient
+from device.vfio_user.client import VfioUserClient, create_guest_ram
 from device.vfio_user.protocol.constants import PciIrq, PciRegion
 
 
@@ -28,14 +28,14 @@ class DriverError(Exception):
 
 
 class GuestRam:
-    """A memfd the client maps as fd-backed guest RAM at ``base``, with a bump allocator."""
+    """A sealed memfd the client maps as fd-backed guest RAM at ``base``, with a bump allocator."""
 
     def __init__(
         self, client: VfioUserClient, base: int = 0x1000_0000, size: int = 64 << 20
     ) -> None:
         self.base, self.size = base, size
-        self.fd = os.memfd_create("mgpu-driver-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        # Sealed: the server maps only guest RAM that cannot shrink under it.
+        self.fd = create_guest_ram("mgpu-driver-ram", size)
         client.dma_map(base, size, fd=self.fd)
         self._next = base
 

@@ -11,7 +11,9 @@ waits for a reply, and in ``poll()``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
+import os
 import socket
 import time
 from collections import deque
@@ -31,6 +33,23 @@ DEFAULT_CLIENT_CAPABILITIES: dict[str, object] = {
     "pgsizes": 4096,
     "max_dma_maps": 65535,
 }
+
+
+# QEMU's memory-backend-memfd seals its RAM the same way (seal=on by default).  The
+# server maps only memfds that cannot shrink, and serves any other fd by messages.
+GUEST_RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def create_guest_ram(name: str, size: int) -> int:
+    """A memfd of ``size`` bytes sealed like QEMU's guest RAM, for fd-backed DMA_MAP."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, GUEST_RAM_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class GuestMemory(Protocol):

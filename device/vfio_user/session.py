@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from device.errors import ProtocolError, UnsupportedCommand, VfioUserError
-from device.vfio_user.dma import DmaTable
+from device.vfio_user.dma import MAX_DMA_MAPS_PER_SESSION, DmaTable
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.codec import Frame, close_fds
@@ -53,7 +53,9 @@ SERVER_CAPABILITIES: dict[str, object] = {
     "max_msg_fds": SERVER_MAX_MSG_FDS,
     "max_data_xfer_size": SERVER_MAX_DATA_XFER,
     "pgsizes": 4096,
-    "max_dma_maps": 65535,
+    # What DmaTable enforces: a client that believes it may map more fails in ways
+    # nobody can diagnose.
+    "max_dma_maps": MAX_DMA_MAPS_PER_SESSION,
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import array
+import os
+import resource
 import socket
 
 from device.errors import FramingError
@@ -11,6 +13,8 @@ from device.vfio_user.protocol.codec import DEFAULT_MAX_MESSAGE_SIZE, Frame, Fra
 RECV_CHUNK = 256 * 1024
 # The most fds one read may bring.  More are cut off by the kernel (MSG_CTRUNC), and
 # a message whose fds were lost cannot be answered correctly, so that disconnects.
+# The kernel also sets MSG_CTRUNC when it could not install the fds that came (EMFILE:
+# the process is at its fd limit), which is the likelier cause with our peers.
 MAX_FDS_PER_READ = 64
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
@@ -52,7 +56,7 @@ class Connection:
             fds = _fds_from_ancillary(ancdata) if ancdata else []
             if msg_flags & _MSG_CTRUNC:
                 close_fds(fds)
-                raise FramingError(f"more than {MAX_FDS_PER_READ} fds in one message")
+                raise FramingError(_fds_lost_reason(len(fds)))
             if not size:
                 close_fds(fds)
                 raise ConnectionClosed("peer closed the connection")
@@ -78,6 +82,21 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def _fds_lost_reason(received: int) -> str:
+    """Why MSG_CTRUNC probably happened, with the numbers that tell the causes apart."""
+    try:
+        # After close_fds above: the fds that did arrive are free again for listdir.
+        open_fds = str(len(os.listdir("/proc/self/fd")))
+    except OSError as exc:
+        open_fds = f"unknown ({exc.strerror})"
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (
+        f"file descriptors were lost (MSG_CTRUNC; {received} arrived): the process may "
+        f"have hit its fd limit ({open_fds} fds open, RLIMIT_NOFILE soft limit {soft}), "
+        f"or the peer sent more than {MAX_FDS_PER_READ} fds in one message"
+    )
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -22,14 +22,13 @@ from tests.unit.conftest import ServeInstance
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A client that maps fd-backed "guest RAM", wires 8 MSI-X eventfds, writes SCRATCH,
+# A client that maps (sealed) fd-backed "guest RAM", wires 8 MSI-X eventfds, writes SCRATCH,
 # then waits to be killed.
 DOOMED_CLIENT = """
 import os, sys, time
-from device.vfio_user.client import VfioUserClient
+from device.vfio_user.client import VfioUserClient, create_guest_ram
 client = VfioUserClient.connect(sys.argv[1])
-ram = os.memfd_create("doomed-guest-ram")
-os.ftruncate(ram, 4 << 20)
+ram = create_guest_ram("doomed-guest-ram", 4 << 20)
 client.dma_map(0x100000, 4 << 20, fd=ram)
 client.set_irq_eventfds(2, tuple(os.eventfd(0) for _ in range(8)))
 client.write32(0, 0x8, 0xC0FFEE)
@@ -69,7 +68,7 @@ def test_sigkilled_client_leaks_nothing_and_device_state_survives(endpoint: Endp
         assert len(session.dma) == 1
         assert len(session.irqs.assigned(2)) == 8
         assert mapped("doomed-guest-ram")
-        assert open_fds() >= fds_before + 9  # the connection, the mmap'd RAM's eventfds...
+        assert open_fds() >= fds_before + 9  # the connection and 8 eventfds (the RAM keeps none)
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait()

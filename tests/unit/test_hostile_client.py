@@ -17,7 +17,7 @@ import pytest
 from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.vfio_user.client import BytearrayMemory, VfioUserClient
+from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.codec import FrameDecoder
@@ -42,7 +42,7 @@ def endpoint(serve_instance: ServeInstance) -> Endpoint:
 
 def irqs_of(endpoint: Endpoint) -> IrqLines:
     assert isinstance(endpoint.device, GpuInstance)
-    irqs = endpoint.device.irqs
+    irqs = endpoint.device.interrupts.lines
     assert irqs is not None
     return irqs
 
@@ -153,8 +153,7 @@ def test_a_failing_completion_interrupt_does_not_kill_the_dma_worker(endpoint: E
         client.set_irq_eventfds(PciIrq.MSIX, vectors)
         dma_vector = regs.INT_VECTORS[regs.IntBit.DMA]
         break_eventfd(irqs, dma_vector)
-        ram = os.memfd_create("guest-ram")
-        os.ftruncate(ram, 1 << 16)
+        ram = create_guest_ram("guest-ram", 1 << 16)  # sealed: mapped, no messages
         client.dma_map(0x10_0000, 1 << 16, fd=ram)
         for n in range(2):  # the second copy needs the worker alive after the first
             os.pwrite(ram, b"copy %d" % n, 0)

@@ -15,7 +15,7 @@ import pytest
 from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.instance import GpuInstance
-from device.vfio_user.client import BytearrayMemory, VfioUserClient
+from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.protocol.constants import PciIrq, PciRegion
 from device.vfio_user.server import Endpoint
 
@@ -114,8 +114,7 @@ def test_client_refusing_a_dma_read_becomes_a_device_error(served: Served) -> No
 
 def test_fd_backed_memory_is_accessed_directly_without_messages(served: Served) -> None:
     device, _, client, _ = served
-    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-    os.ftruncate(ram, 1 << 20)
+    ram = create_guest_ram("guest-ram", 1 << 20)  # sealed: the server maps it
     client.dma_map(0x4000_0000, 1 << 20, fd=ram)
     os.pwrite(ram, b"through the fd", 0x800)
     before = client.server_requests_served
