@@ -39,18 +39,20 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import numpy.typing as npt
 
-from device.errors import DeviceError, VfioUserError
+from device.errors import VfioUserError
+from device.gpu import regions
 from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
 from device.gpu.aperture_map import ApertureMap
 from device.gpu.bringup_dma import BringUpDma
 from device.gpu.engine import Engine
-from device.gpu.identity import MSIX_BAR_SIZE, PciFunction
-from device.gpu.interrupts import MSI_VECTORS, MSIX_VECTORS, Interrupts
+from device.gpu.identity import PciFunction
+from device.gpu.interrupts import Interrupts
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.physical import PhysicalGpu
 from device.gpu.register_file import DYNAMIC_OFFSETS, RegisterFile
 from device.gpu.registers import ErrorCode, IntBit, ReadAction, Register, WriteAction
+from device.gpu.resource_commands import ResourceCommands
 from device.gpu.resources import Pin, Resource, ResourceTable
 from device.gpu.rings import Job, Ring
 from device.gpu.types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
@@ -59,13 +61,9 @@ from device.vfio_user.dma import DmaTable
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol.constants import (
     PCI_NUM_REGIONS,
-    DeviceFlags,
-    IrqInfoFlags,
-    PciIrq,
     PciRegion,
-    RegionFlags,
 )
-from device.vfio_user.protocol.messages import DeviceInfo, IrqInfo, RegionInfo, SparseArea
+from device.vfio_user.protocol.messages import DeviceInfo, IrqInfo, RegionInfo
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +138,10 @@ class GpuInstance:
         self.interrupts = Interrupts(self.registers, self.interrupt_mode)
         self.rings = [Ring(c, self.registers, self._report_error) for c in range(self.contexts)]
         self._region_sizes = {i: self.region_info(i)[0].size for i in range(PCI_NUM_REGIONS)}
+        self.resource_commands = ResourceCommands(
+            name, self.registers, self.resources, self.pages, self.window, physical,
+            defer=self._defer, report_error=self._report_error, free=self._free,
+        )  # fmt: skip
         self.bring_up = BringUpDma(name, self.registers, self)
         self._reset_registers()
         self.engine = Engine(self, self.contexts, name)
@@ -173,45 +175,25 @@ class GpuInstance:
         self.interrupts.lines = None
 
     def device_info(self) -> DeviceInfo:
-        return DeviceInfo(DeviceFlags.PCI | DeviceFlags.RESET, PCI_NUM_REGIONS, len(PciIrq))
+        return regions.device_info()
 
     def region_info(self, index: int) -> tuple[RegionInfo, int | None]:
-        rw = RegionFlags.READ | RegionFlags.WRITE
-        if index == PciRegion.BAR0:
-            return RegionInfo(index, rw, regs.BAR0_SIZE), None
         if index == PciRegion.BAR2:
             return self._aperture_region_info()
-        if index == PciRegion.BAR4 and self.interrupt_mode is InterruptMode.MSIX:
-            return RegionInfo(index, rw, MSIX_BAR_SIZE), None
-        if index == PciRegion.CONFIG:
-            return RegionInfo(index, rw, len(self.config.data)), None
-        if 0 <= index < PCI_NUM_REGIONS:
-            return RegionInfo(index, 0, 0), None
-        raise VfioUserError(errno.EINVAL, f"no region {index}")
+        return regions.region_info(index, self.interrupt_mode, len(self.config.data))
 
     def _aperture_region_info(self) -> tuple[RegionInfo, int | None]:
-        index, mode = PciRegion.BAR2, self.window.mode
-        rw = RegionFlags.READ | RegionFlags.WRITE
+        mode, size = self.window.mode, self.aperture_size
         if mode is MappingMode.TRAP:
-            return RegionInfo(index, rw, self.aperture_size), None
-        flags = rw | RegionFlags.MMAP | RegionFlags.CAPS
-        area = SparseArea(0, self.partition.size)
+            return regions.trapped_aperture(size), None
         if mode is MappingMode.FAULT:  # QEMU maps our FUSE file: faults come to us
-            return RegionInfo(index, flags, self.aperture_size, 0, (area,)), self.window.file_fd
+            return regions.mapped_aperture(size, 0, self.partition.size), self.window.file_fd
         # static: QEMU maps the physical GPU's memfd at this partition's offset.
-        info = RegionInfo(index, flags, self.aperture_size, self.partition.offset, (area,))
+        info = regions.mapped_aperture(size, self.partition.offset, self.partition.size)
         return info, self.physical.memory_fd
 
     def irq_infos(self) -> list[IrqInfo]:
-        eventfd = IrqInfoFlags.EVENTFD
-        msi = self.interrupt_mode is InterruptMode.MSI
-        return [
-            IrqInfo(PciIrq.INTX, eventfd | IrqInfoFlags.MASKABLE, 0),
-            IrqInfo(PciIrq.MSI, eventfd | IrqInfoFlags.NORESIZE, MSI_VECTORS if msi else 0),
-            IrqInfo(PciIrq.MSIX, eventfd | IrqInfoFlags.NORESIZE, 0 if msi else MSIX_VECTORS),
-            IrqInfo(PciIrq.ERR, eventfd, 1),
-            IrqInfo(PciIrq.REQ, eventfd, 1),
-        ]
+        return regions.irq_infos(self.interrupt_mode)
 
     def _check_access(self, index: int, offset: int, count: int) -> None:
         size = self._region_sizes.get(index, 0)
@@ -275,8 +257,7 @@ class GpuInstance:
                 gone = self.resources.remove_all()
                 self._reset_registers()
                 self.resets += 1
-            for resource in gone:  # fenced: no command pins any of them
-                self._release_memory(resource)
+            self.resource_commands.released_by(gone)  # fenced: no command pins them
         log.info("%s: device reset (%d resources freed)", self.name, len(gone))
 
     def _reset_registers(self) -> None:
@@ -308,8 +289,7 @@ class GpuInstance:
             return
         with self._locked():
             gone = self.resources.remove_all()
-        for resource in gone:
-            self._release_memory(resource)
+        self.resource_commands.released_by(gone)
         self.aperture.release()
         del self.memory
         self.physical.release(self.name)
@@ -322,7 +302,7 @@ class GpuInstance:
         return {
             WriteAction.INT_ACK: lambda _r, value: self.interrupts.ack(value),
             WriteAction.DEVICE_RESET: self._write_device_reset,
-            WriteAction.RES_COMMAND: lambda _r, value: self._resource_command(value),
+            WriteAction.RES_COMMAND: lambda _r, value: self.resource_commands.run(value),
             WriteAction.DMA_CONTROL: lambda _r, value: self.bring_up.start(value),
             WriteAction.RING_CONFIG: self._write_ring_config,
             WriteAction.RING_CONTROL: self._write_ring_control,
@@ -378,55 +358,7 @@ class GpuInstance:
             self.registers.set("FAULT_FLAGS", 1 if write else 0)
             self.interrupts.raise_cause(IntBit.FAULT)
 
-    # ------------------------------------------------------------------ resources
-
-    def _resource_command(self, command: int) -> None:
-        """RES_COMMAND (lock held).  Cheap bookkeeping, so it runs inline."""
-        try:
-            if command == regs.ResourceCommand.CREATE:
-                resource = self.resources.create(self.registers.get64("RES_SIZE"))
-                self.registers.set("RES_HANDLE", resource.handle)
-            elif command == regs.ResourceCommand.DESTROY:
-                self._destroy(self.resources.remove(self.registers.get("RES_HANDLE")))
-            elif command == regs.ResourceCommand.PLACE:
-                self._place(self.resources.get(self.registers.get("RES_HANDLE")))
-            elif command == regs.ResourceCommand.REMOVE:
-                resource = self.resources.get(self.registers.get("RES_HANDLE"))
-                resource.placed = False
-                offset, size = self.pages.placement(resource.extent), resource.extent.size
-                self._defer(lambda: self.window.deny(offset, size))
-            else:
-                raise DeviceError(ErrorCode.INVALID_COMMAND, f"no resource command {command}")
-        except DeviceError as exc:
-            log.info("%s: resource command %d failed: %s", self.name, command, exc)
-            self.registers.set("RES_STATUS", exc.code)
-            self._report_error(ErrorCode(exc.code))
-            return
-        self.registers.set("RES_STATUS", ErrorCode.NONE)
-
-    def _place(self, resource: Resource) -> None:
-        resource.placed = True
-        offset, size = self.pages.placement(resource.extent), resource.extent.size
-        self.registers.set64("RES_OFFSET", offset)
-        self._defer(lambda: self.window.allow(offset, size))
-
-    def _destroy(self, resource: Resource) -> None:
-        """The handle is gone (lock held).  Its pages are unmapped now, so writebacks
-        are dropped; the memory is scrubbed and freed once no command pins it."""
-        offset, size = self.pages.placement(resource.extent), resource.extent.size
-        self.pages.unmap(offset, size)
-        unused = resource.pins == 0  # pins only fall from here: the handle is gone
-
-        def destroyed() -> None:
-            self.window.revoke(offset, size)  # drop the guest's copies of its pages
-            if unused:
-                self._release_memory(resource)
-
-        self._defer(destroyed)
-
-    def _release_memory(self, resource: Resource) -> None:
-        """Zero a removed, unpinned resource, then give its pages back (lock not held)."""
-        self.physical.scrub(resource.extent.offset, resource.extent.size)
+    def _free(self, resource: Resource) -> None:
         with self._locked():
             self.resources.free(resource)
 
@@ -453,8 +385,7 @@ class GpuInstance:
     def unpin_resources(self, pins: list[Pin]) -> None:
         with self._locked():
             unused = [r for pin in pins if (r := self.resources.unpin(pin)) is not None]
-        for resource in unused:  # destroyed while the command ran: free it now
-            self._release_memory(resource)
+        self.resource_commands.released_by(unused)  # destroyed while the command ran
 
     def sync_device_memory(self, start: int, end: int) -> None:
         """Before and after the engine touches device memory [start, end)."""
