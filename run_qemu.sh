@@ -8,4 +8,4 @@ case "${1:-}" in
     *) bash "$here/scripts/provision_host.sh" >&2 ;;
 esac
 [ -x "$here/.venv/bin/python" ] || bash "$here/scripts/provision_host.sh" >&2
-exec "$here/.venv/bin/python" -m device.launch "$@"
+exec "$here/.venv/bin/python" -m device.harness.launch "$@"

@@ -1,1 +1,48 @@
-"""mgpu: a mediated GPU emulator for QEMU, served over vfio-user in pure Python."""
+"""mgpu: a mediated GPU emulator for QEMU, served over vfio-user in pure Python.
+
+The layers, bottom up.  Imports only go down: a module imports from its own layer or
+the ones below it, never above.
+
+    harness/      guest harness: boot QEMU with instances attached (vm, launch =
+                  run_qemu.sh) and a reference Python driver (driver) for tests
+    control/      control plane: GpuServer (create and destroy instances at run time,
+                  manager) and the command line (cli)
+    gpu/          the device model: one physical GPU (physical, allocator, types)
+                  shared by instances; an instance (instance) composes its parts:
+                    identity          PCI IDs, BARs, capabilities, FLR
+                    regions           the vfio-user regions and IRQ indexes
+                    registers         the BAR0 register table (single source of truth)
+                    register_file     register values; writes dispatched to actions
+                    interrupts        INT_STATUS/INT_MASK and the vectors they raise
+                    rings             one command ring per context
+                    commands          ring commands: layout, doc and handler in one
+                    engine            runs ring commands on a thread, fenceable
+                    bringup_dma       the DMA_* registers' copy engine
+                    resources         resource table, pins, deferred frees
+                    resource_commands the RES_* registers
+                    aperture_map      which device page backs an aperture page
+                    access_policy     what a denied aperture access gets
+                    aperture          the BAR2 window: mapping modes, faults, coherency
+                    modes             InterruptMode, MappingMode, DeniedPolicy
+    fuse/         the fault engine: a one-file FUSE filesystem whose reads are page
+                  faults (protocol: the kernel protocol; server: mount, serve, revoke)
+    pci/          PCI building blocks: config space (config) and one builder per
+                  capability (capabilities)
+    vfio_user/    the vfio-user stack: protocol/ (sans-IO codec: constants, messages,
+                  framing), transport (unix socket, SCM_RIGHTS), session (one client's
+                  state and the one dispatcher), server (endpoints and their threads),
+                  dma (the DMA map table), irq (eventfds), client (our own client)
+    errors, units the error tree (drawn in errors.py) and shared sizes
+
+Which file to open:
+    add a ring command                  gpu/commands.py (one decorated function), then
+                                        ``python -m device.docs``
+    add or change a register            gpu/registers.py (the table); its behaviour is
+                                        the handler of its ``on_write`` action
+    change a denied-access policy       gpu/access_policy.py
+    change how an aperture page maps    gpu/aperture_map.py
+    support a new vfio-user message     vfio_user/protocol/messages.py (its layout) and
+                                        vfio_user/session.py (its handler)
+    a new PCI capability                pci/capabilities.py, then gpu/identity.py
+    create instances differently        control/manager.py
+"""

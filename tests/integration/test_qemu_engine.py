@@ -25,6 +25,13 @@ def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
         runtime, short_tmp, vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]
     ) as vm:
         vm.start()
+        # QEMU's memory-backend-memfd seals guest RAM against shrinking: the server maps
+        # it and DMAs directly (any other fd would be served by messages).
+        for served in (msix, msi):
+            session = served.endpoint.session
+            assert session is not None
+            ram = max(session.dma.regions, key=lambda r: r.size)
+            assert ram.mapping is not None, "QEMU's guest RAM memfd was not mapped"
         vm.check("modprobe mgpu")
         assert sorted(vm.check("ls /dev | grep mgpu").split()) == ["mgpu0", "mgpu1"]
         for index in (0, 1):
