@@ -99,9 +99,12 @@ def render() -> str:
         "",
         "## Resource commands (RES_COMMAND)",
         "",
-        "| value | command |",
-        "|---|---|",
-        *(f"| {c.value} | {c.name} |" for c in regs.ResourceCommand),
+        "| value | command | what it does |",
+        "|---|---|---|",
+        *(
+            f"| {c.value} | {c.name} | {regs.RESOURCE_COMMAND_DOCS[c]} |"
+            for c in regs.ResourceCommand
+        ),
         "",
         "## Command ring",
         "",

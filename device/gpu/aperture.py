@@ -30,11 +30,7 @@ are written back first, and the guest refetches what the device wrote.
 from __future__ import annotations
 
 import errno
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -43,43 +39,10 @@ from device.errors import VfioUserError
 from device.fuse.server import FuseAperture
 from device.gpu.access_policy import denied_access
 from device.gpu.aperture_map import ApertureMap
+from device.gpu.fault_log import FaultLog
 from device.gpu.modes import DeniedPolicy, MappingMode
 from device.gpu.physical import PhysicalGpu
 from device.units import PAGE_SIZE
-
-
-@dataclass(frozen=True)
-class FaultRecord:
-    time: float  # time.monotonic()
-    kind: str  # served, denied, dummy, reported, revoked, written_back, write_dropped
-    offset: int  # aperture offset
-    length: int
-
-
-@dataclass
-class FaultLog:
-    """Per-instance fault counters and the most recent records, for tests and tools."""
-
-    counters: dict[str, int] = field(default_factory=dict)
-    records: deque[FaultRecord] = field(default_factory=lambda: deque(maxlen=4096))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, kind: str, offset: int, length: int) -> None:
-        with self.lock:
-            self.counters[kind] = self.counters.get(kind, 0) + 1
-            self.records.append(FaultRecord(time.monotonic(), kind, offset, length))
-
-    def count(self, kind: str) -> int:
-        return self.counters.get(kind, 0)
-
-    def of(self, kind: str) -> list[FaultRecord]:
-        with self.lock:
-            return [r for r in self.records if r.kind == kind]
-
-    def clear(self) -> None:
-        with self.lock:
-            self.counters.clear()
-            self.records.clear()
 
 
 class Aperture:
@@ -99,7 +62,7 @@ class Aperture:
         self.mode = mode
         self.policy = policy
         self.report = report  # (aperture offset, is_write) -> latch registers, raise irq
-        self.log = FaultLog()
+        self.log = FaultLog(name)
         self.fuse: FuseAperture | None = None
         self.file_fd = -1
         if mode is MappingMode.FAULT:
@@ -195,7 +158,7 @@ class Aperture:
     def _denied(self, offset: int, count: int, *, write: bool) -> bytes | None:
         """A denied access of ``count`` bytes: what reads see, or None to refuse it."""
         denial = denied_access(self.policy)
-        self.log.add(denial.record, offset, count)
+        self.log.add(denial.record, offset, count, write=write, policy=self.policy.value)
         if denial.refuse:
             return None
         if denial.report:

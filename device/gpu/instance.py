@@ -362,6 +362,41 @@ class GpuInstance:
         with self._locked():
             self.resources.free(resource)
 
+    # ------------------------------------------------------------------ observation
+
+    def describe_resources(self) -> list[dict[str, int | bool]]:
+        """The live resources, for the control plane and tests."""
+        with self._locked():
+            return [
+                {
+                    "handle": r.handle,
+                    "size": r.size,
+                    "device_offset": r.extent.offset,
+                    "placed": r.placed,
+                    "pins": r.pins,
+                }
+                for r in self.resources.resources.values()
+            ]
+
+    def describe_aperture(self) -> list[dict[str, int | bool]]:
+        """The aperture's mapped runs: aperture offset, length, resource and offset in it,
+        and whether the memory is resident."""
+        with self._locked():
+            runs = []
+            for r in self.resources.resources.values():
+                offset = self.pages.placement(r.extent)
+                if r.placed:
+                    runs.append(
+                        {
+                            "aperture_offset": offset,
+                            "length": r.extent.size,
+                            "handle": r.handle,
+                            "resource_offset": 0,
+                            "resident": True,
+                        }
+                    )
+            return sorted(runs, key=lambda run: int(run["aperture_offset"]))
+
     # ------------------------------------------------------------------ the engine's host
 
     def take_job(self, context: int) -> Job | None:

@@ -74,6 +74,19 @@ class PhysicalGpu:
             known = ", ".join(sorted(self.types))
             raise CapacityError(f"unknown instance type {type_name!r} (known: {known})") from None
 
+    def usage(self) -> dict[str, int]:
+        """Pool and context usage, for the control plane and tests."""
+        with self.lock:
+            free = self.pool.free_bytes
+            return {
+                "memory": self.memory_size,
+                "memory_used": self.memory_size - free,
+                "memory_free": free,
+                "contexts": self.contexts,
+                "contexts_used": self.contexts_used,
+                "instances": len(self.partitions),
+            }
+
     def reserve(self, instance_name: str, type_name: str) -> tuple[Extent, InstanceType]:
         """Reserve a partition and contexts for a new instance."""
         itype = self._type(type_name)

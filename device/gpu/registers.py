@@ -73,6 +73,9 @@ class ErrorCode(enum.IntEnum):
     QUOTA_EXCEEDED = 6  # more memory than the instance's quota
     INVALID_ARGUMENT = 7  # bad size, alignment, dimension or ring configuration
     ENGINE_FAULT = 8  # the device itself failed (a bug: see the server log)
+    APERTURE_BUSY = 9  # MAP: part of the aperture range is mapped already
+    ALREADY_MAPPED = 10  # MAP: part of the resource range is mapped elsewhere already
+    NO_APERTURE_SPACE = 11  # MAP_ANY, PLACE: no free aperture run is large enough
 
 
 class IntBit(enum.IntFlag):
@@ -88,10 +91,31 @@ INT_VECTORS = {IntBit.FENCE: 0, IntBit.ERROR: 1, IntBit.DMA: 2, IntBit.FAULT: 3}
 
 
 class ResourceCommand(enum.IntEnum):
-    CREATE = 1  # RES_SIZE -> RES_HANDLE
-    DESTROY = 2  # RES_HANDLE
-    PLACE = 3  # RES_HANDLE -> RES_OFFSET (its offset in the BAR2 aperture)
-    REMOVE = 4  # RES_HANDLE: no longer placed in the aperture
+    CREATE = 1
+    DESTROY = 2
+    PLACE = 3
+    REMOVE = 4
+    MAP = 5
+    MAP_ANY = 6
+    UNMAP = 7
+
+
+RESOURCE_COMMAND_DOCS = {
+    ResourceCommand.CREATE: "Allocate RES_SIZE bytes of device memory from the physical GPU's "
+    "pool (within the instance's quota); the new handle is in RES_HANDLE.",
+    ResourceCommand.DESTROY: "Free resource RES_HANDLE: its aperture mappings go, its memory "
+    "is zeroed and returned to the pool (after any command still using it).",
+    ResourceCommand.PLACE: "Map all of RES_HANDLE at an aperture offset the device chooses; "
+    "the offset is in RES_OFFSET.",
+    ResourceCommand.REMOVE: "Unmap every aperture page that maps RES_HANDLE.",
+    ResourceCommand.MAP: "Map RES_RANGE_LENGTH bytes of RES_HANDLE from RES_RANGE_OFFSET at "
+    "aperture offset RES_APERTURE (all page aligned; length 0: to the end of the resource). "
+    "The aperture range must be unmapped and the resource pages mapped nowhere else.",
+    ResourceCommand.MAP_ANY: "As MAP, at an aperture offset the device chooses; the offset "
+    "is in RES_OFFSET.",
+    ResourceCommand.UNMAP: "Unmap RES_RANGE_LENGTH bytes of the aperture at RES_APERTURE "
+    "(unmapped pages in the range are skipped).",
+}
 
 
 class RingStatus(enum.IntEnum):
@@ -324,21 +348,21 @@ REGISTERS: tuple[Register, ...] = (
         0x10C,
         Access.RO,
         0,
-        "Resource commands: aperture offset returned by PLACE, bits 31:0.",
+        "Resource commands: aperture offset returned by PLACE and MAP/MAP_ANY, bits 31:0.",
     ),
     Register(
         "RES_OFFSET_HI",
         0x110,
         Access.RO,
         0,
-        "Resource commands: aperture offset returned by PLACE, bits 63:32.",
+        "Resource commands: aperture offset returned by PLACE and MAP/MAP_ANY, bits 63:32.",
     ),
     Register(
         "RES_COMMAND",
         0x114,
         Access.WO,
         0,
-        "Write 1 CREATE, 2 DESTROY, 3 PLACE, 4 REMOVE. Runs at once; the result is in RES_STATUS.",
+        "Write a resource command (table below). Runs at once; the result is in RES_STATUS.",
         on_write=WriteAction.RES_COMMAND,
     ),
     Register(
@@ -347,6 +371,34 @@ REGISTERS: tuple[Register, ...] = (
         Access.RO,
         0,
         "Result of the last RES_COMMAND: 0 on success, else an error code.",
+    ),
+    Register(
+        "RES_APERTURE_LO",
+        0x11C,
+        Access.RW,
+        0,
+        "GPU MMU: aperture offset for MAP and UNMAP, bits 31:0 (page aligned).",
+    ),
+    Register("RES_APERTURE_HI", 0x120, Access.RW, 0, "GPU MMU: aperture offset, bits 63:32."),
+    Register(
+        "RES_RANGE_OFFSET_LO",
+        0x124,
+        Access.RW,
+        0,
+        "GPU MMU: offset in the resource for MAP, bits 31:0 (page aligned).",
+    ),
+    Register(
+        "RES_RANGE_OFFSET_HI", 0x128, Access.RW, 0, "GPU MMU: offset in the resource, bits 63:32."
+    ),
+    Register(
+        "RES_RANGE_LENGTH_LO",
+        0x12C,
+        Access.RW,
+        0,
+        "GPU MMU: bytes to MAP or UNMAP, bits 31:0 (page aligned; 0 for MAP: to the end).",
+    ),
+    Register(
+        "RES_RANGE_LENGTH_HI", 0x130, Access.RW, 0, "GPU MMU: bytes to MAP or UNMAP, bits 63:32."
     ),
     Register(
         "DMA_GUEST_ADDR_LO",
