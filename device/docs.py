@@ -50,10 +50,10 @@ def render() -> str:
         "|---|---|---|---|",
         f"| BAR0 | {regs.BAR0_SIZE // 1024} KiB | 32-bit MMIO | trapped: every access is a "
         "vfio-user REGION_READ/REGION_WRITE answered by the register file below |",
-        "| BAR2 | the instance type's memory quota | 64-bit prefetchable MMIO | aperture: the "
-        "instance's partition of device memory, a sparse-mmap area QEMU maps into the guest, "
-        "so accesses go straight to device memory; a placed resource appears at the offset "
-        "PLACE returns |",
+        "| BAR2 | the instance type's aperture size | 64-bit prefetchable MMIO | aperture: a "
+        "sparse-mmap area QEMU maps into the guest, behind the instance's GPU MMU page table "
+        "(MAP, MAP_ANY, UNMAP, PLACE, REMOVE); in fault mode each page is validated and "
+        "translated at its first touch, in static mode it maps the instance's memory 1:1 |",
         f"| BAR{gpu.MSIX_BAR} | {gpu.MSIX_BAR_SIZE // 1024} KiB | 32-bit MMIO | MSI-X table "
         f"at `{gpu.MSIX_TABLE_OFFSET:#x}` ({MSIX_VECTORS} vectors), PBA at "
         f"`{gpu.MSIX_PBA_OFFSET:#x}` |",
@@ -75,10 +75,14 @@ def render() -> str:
         "",
         "## Instance types",
         "",
-        "| type | device memory (= BAR2 size) | contexts | description |",
-        "|---|---|---|---|",
+        "Memory is a limit on what the instance's resources may take from the shared pool "
+        "at once, not a reservation (static mode aside, which reserves it).",
+        "",
+        "| type | device memory (limit) | BAR2 aperture | contexts | description |",
+        "|---|---|---|---|---|",
         *(
-            f"| {t.name} | {t.memory >> 20} MiB | {t.contexts} | {t.description} |"
+            f"| {t.name} | {t.memory >> 20} MiB | {t.aperture_size >> 20} MiB | {t.contexts} "
+            f"| {t.description} |"
             for t in DEFAULT_TYPES
         ),
         "",

@@ -45,7 +45,7 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 # A request handler: (unique, nodeid, body after the header) -> the reply.
-Handler = Callable[[int, int, memoryview], bytes]
+Handler = Callable[[int, int, memoryview], bytes | None]
 
 
 class FuseUnavailable(SetupError):
@@ -110,11 +110,16 @@ def _detach(mountpoint: str, privileged: bool) -> None:
             )
 
 
+Reply = Callable[[bytes | int], None]  # answers one READ later: data, or an errno
+
+
 class ApertureBackend(Protocol):
     """The owner of the file: decides what a fault gets, and takes written-back data."""
 
-    def fault(self, offset: int, length: int) -> bytes | int:
-        """Data for [offset, offset+length), or a positive errno to refuse."""
+    def fault(self, offset: int, length: int, later: Reply) -> bytes | int | None:
+        """Data for [offset, offset+length), a positive errno to refuse, or None: the
+        backend calls ``later`` exactly once, from any thread (a *parked* fault: the
+        serving thread is free again meanwhile)."""
 
     def writeback(self, offset: int, data: bytes) -> None: ...
 
@@ -259,7 +264,7 @@ class FuseAperture:
             log.exception("%s: FUSE request %d failed", self.name, opcode)
             return p.reply(unique, error=errno.EIO)
 
-    def _dispatch(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> bytes:
+    def _dispatch(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> bytes | None:
         handler = self._handlers.get(opcode)
         if handler is None:
             return p.reply(unique, error=errno.ENOSYS)
@@ -268,13 +273,29 @@ class FuseAperture:
     # One handler per opcode, keyed in ``_handlers``; READ (a fault) and WRITE (a
     # writeback) are the hot ones.
 
-    def _read(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
+    def _read(self, unique: int, _nodeid: int, body: memoryview) -> bytes | None:
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         size = max(0, min(size, self.size - offset))
-        data = self.backend.fault(offset, size) if size else b""
+        if not size:
+            return p.reply(unique, b"")
+        data = self.backend.fault(offset, size, lambda answer: self._answer(unique, answer))
+        if data is None:
+            return None  # parked: answered later through _answer
         if isinstance(data, int):
             return p.reply(unique, error=data)
         return p.reply(unique, data)
+
+    def _answer(self, unique: int, data: bytes | int) -> None:
+        """The late reply to a parked READ."""
+        fd = self.fuse_fd
+        if fd < 0:
+            return
+        message = p.reply(unique, error=data) if isinstance(data, int) else p.reply(unique, data)
+        try:
+            os.write(fd, message)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                log.warning("%s: late FUSE reply failed: %s", self.name, exc)
 
     def _write(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
         _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)

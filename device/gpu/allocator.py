@@ -72,6 +72,39 @@ class PageAllocator:
             f"largest run {self.largest_free})"
         )
 
+    def allocate_pages(self, size: int) -> list[Extent]:
+        """Whole pages covering ``size`` bytes, contiguous when a run is large enough,
+        else gathered from the largest free runs (a resource's pages need not be
+        contiguous).  All or nothing."""
+        wanted = pages(size) * PAGE_SIZE
+        if wanted > self.free_bytes:
+            raise OutOfMemory(f"{wanted} bytes asked, {self.free_bytes} free")
+        try:
+            return [self.allocate(wanted)]
+        except OutOfMemory:
+            pass
+        runs: list[Extent] = []
+        left = wanted
+        for start in sorted(self._free_sizes, key=self._free_sizes.__getitem__, reverse=True):
+            take = min(left, self._free_sizes[start])
+            runs.append(self._take(start, take))
+            left -= take
+            if not left:
+                return runs
+        raise AssertionError("free_bytes covered the request")  # pragma: no cover
+
+    def _take(self, start: int, size: int) -> Extent:
+        """The first ``size`` bytes of the free run at ``start``."""
+        i = bisect.bisect_left(self._free_starts, start)
+        run = self._free_sizes.pop(start)
+        if run == size:
+            del self._free_starts[i]
+        else:
+            self._free_starts[i] = start + size
+            self._free_sizes[start + size] = run - size
+        self._allocated[start] = size
+        return Extent(start, size)
+
     def free(self, extent: Extent) -> None:
         if self._allocated.get(extent.offset) != extent.size:
             raise ValueError(f"{extent} is not an allocation of this allocator")

@@ -1,60 +1,125 @@
-"""Which device memory backs each page of an instance's BAR2 aperture, and which
-pages the guest may touch now: the one place that says how an aperture page maps.
+"""The GPU MMU behind BAR2: one instance's aperture page table.
 
-Today the map is the identity over the instance's partition of device memory:
-aperture offset X is partition offset X, and a page is mapped while a placed
-resource covers it.  Every translation and permission check (fault callbacks,
-trapped accesses, the engine's coherency syncs, PLACE's returned offset) goes
-through this object, so a GPU MMU (a page table of aperture page -> device page)
-replaces this class and nothing else.
+Each aperture page maps one page of one resource, or nothing.  The guest driver maps
+a page-aligned range of a resource at an aperture offset it chooses (MAP) or the
+device chooses (MAP_ANY, PLACE), and unmaps ranges again (UNMAP, REMOVE); another
+resource may be mapped at the same offset later.  A resource page is mapped at most
+once: two aperture pages showing one device page could not stay coherent through
+two page-cache copies, so such a MAP is refused (ALREADY_MAPPED).  The table maps
+to *resource* pages, not device pages: which device page backs a resource page is
+the resource's residency, decided at fault time (``validate_map_request`` in
+``aperture.py``), so eviction and page-in never touch the table.
+
+In ``static`` mode there is no translation at all (QEMU maps the instance's private
+memory 1:1 at realize): a resource shows at the aperture offset of its pages in that
+memory, and the table only records the mappings for observation.
+
+Not thread-safe: the window's lock guards it.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
+from dataclasses import dataclass
 
-from device.gpu.allocator import Extent
+from device.errors import DeviceError
+from device.gpu.registers import ErrorCode
+from device.gpu.resources import Resource
 from device.units import PAGE_SIZE
 
 
-class ApertureMap:
-    def __init__(self, partition: Extent, size: int) -> None:
-        self.partition = partition
+@dataclass(frozen=True)
+class Entry:
+    resource: Resource
+    page: int  # page index within the resource
+
+
+class ApertureTable:
+    def __init__(self, size: int) -> None:
         self.size = size
-        # One flag per page; fault threads read it without a lock: a flag flip is
-        # always followed by a revoke, which settles any race.
-        self.mapped: npt.NDArray[np.bool_] = np.zeros(size // PAGE_SIZE, dtype=np.bool_)
+        self.page_count = size // PAGE_SIZE
+        self.entries: list[Entry | None] = [None] * self.page_count
 
     @staticmethod
-    def pages(offset: int, length: int) -> slice:
-        return slice(offset // PAGE_SIZE, (offset + length + PAGE_SIZE - 1) // PAGE_SIZE)
+    def page_range(offset: int, length: int) -> range:
+        return range(offset // PAGE_SIZE, (offset + length + PAGE_SIZE - 1) // PAGE_SIZE)
 
-    # ---------------------------------------------------------------- translation
+    def lookup(self, page: int) -> Entry | None:
+        return self.entries[page]
 
-    def to_device(self, aperture_offset: int) -> int:
-        """The device-memory offset behind an aperture offset."""
-        return self.partition.offset + aperture_offset
+    def check_map(self, first: int, resource: Resource, res_first: int, count: int) -> None:
+        """Raise DeviceError unless ``count`` pages of ``resource`` from page ``res_first``
+        can be mapped at aperture page ``first``."""
+        if count <= 0 or first < 0 or first + count > self.page_count:
+            raise DeviceError(
+                ErrorCode.OUT_OF_BOUNDS, f"aperture pages {first}+{count} outside {self.page_count}"
+            )
+        if res_first < 0 or res_first + count > resource.page_count:
+            raise DeviceError(
+                ErrorCode.OUT_OF_BOUNDS,
+                f"resource pages {res_first}+{count} outside {resource.page_count}",
+            )
+        if any(self.entries[p] is not None for p in range(first, first + count)):
+            raise DeviceError(ErrorCode.APERTURE_BUSY, "part of the aperture range is mapped")
+        if any(p in resource.mapped_at for p in range(res_first, res_first + count)):
+            raise DeviceError(
+                ErrorCode.ALREADY_MAPPED, "part of the resource range is mapped elsewhere"
+            )
 
-    def to_aperture(self, device_offset: int) -> int:
-        """Where device memory at ``device_offset`` appears in the aperture."""
-        return device_offset - self.partition.offset
+    def map(self, first: int, resource: Resource, res_first: int, count: int) -> None:
+        self.check_map(first, resource, res_first, count)
+        for n in range(count):
+            self.entries[first + n] = Entry(resource, res_first + n)
+            resource.mapped_at[res_first + n] = first + n
 
-    def placement(self, extent: Extent) -> int:
-        """The aperture offset at which a resource occupying ``extent`` is placed."""
-        return self.to_aperture(extent.offset)
+    def unmap(self, first: int, count: int) -> list[int]:
+        """Clear entries; returns the aperture pages that were mapped."""
+        changed = []
+        for page in range(max(0, first), min(self.page_count, first + count)):
+            entry = self.entries[page]
+            if entry is not None:
+                del entry.resource.mapped_at[entry.page]
+                self.entries[page] = None
+                changed.append(page)
+        return changed
 
-    # ---------------------------------------------------------------- permissions
+    @staticmethod
+    def pages_of(resource: Resource) -> list[int]:
+        """The aperture pages that map ``resource``, in order."""
+        return sorted(resource.mapped_at.values())
 
-    def map(self, offset: int, length: int) -> None:
-        self.mapped[self.pages(offset, length)] = True
+    def find_free(self, count: int) -> int | None:
+        """The first aperture page of a free run of ``count`` pages (first fit)."""
+        run = 0
+        for page, entry in enumerate(self.entries):
+            run = run + 1 if entry is None else 0
+            if run == count:
+                return page - count + 1
+        return None
 
-    def unmap(self, offset: int, length: int) -> None:
-        self.mapped[self.pages(offset, length)] = False
-
-    def is_mapped(self, offset: int, length: int) -> bool:
-        """Every page of [offset, offset+length) is mapped."""
-        return bool(self.mapped[self.pages(offset, length)].all())
-
-    def any_mapped(self, offset: int, length: int) -> bool:
-        return bool(self.mapped[self.pages(offset, length)].any())
+    def runs(self) -> list[dict[str, int | bool]]:
+        """Mapped runs: aperture offset, length, handle, offset in the resource."""
+        runs: list[dict[str, int | bool]] = []
+        previous: Entry | None = None
+        for page, entry in enumerate(self.entries):
+            if entry is None:
+                previous = None
+                continue
+            extends = (
+                previous is not None
+                and previous.resource is entry.resource
+                and previous.page + 1 == entry.page
+            )
+            if extends:
+                runs[-1]["length"] = int(runs[-1]["length"]) + PAGE_SIZE
+            else:
+                runs.append(
+                    {
+                        "aperture_offset": page * PAGE_SIZE,
+                        "length": PAGE_SIZE,
+                        "handle": entry.resource.handle,
+                        "resource_offset": entry.page * PAGE_SIZE,
+                        "resident": entry.resource.resident,
+                    }
+                )
+            previous = entry
+        return runs

@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 class BringUpHost(Protocol):
     aperture_size: int
 
-    def aperture_view(self, offset: int, length: int) -> memoryview: ...
-    def sync_aperture(self, offset: int, length: int) -> None: ...
+    def aperture_read(self, offset: int, length: int) -> bytes:
+        """Read the aperture as the device (coherent with the guest; EFAULT if unmapped)."""
+
+    def aperture_write(self, offset: int, data: bytes) -> None: ...
     def guest_memory(self) -> DmaTable: ...
     def bring_up_done(self, generation: int, error: int) -> None:
         """Publish a job's result (takes the instance lock)."""
@@ -112,13 +114,10 @@ class BringUpDma:
             ):
                 raise VfioUserError(errno.EINVAL, "bad DMA length or aperture range")
             dma = self.host.guest_memory()
-            window = self.host.aperture_view(job.aperture_offset, job.length)
-            self.host.sync_aperture(job.aperture_offset, job.length)
             if job.command == regs.DmaCommand.TO_APERTURE:
-                window[:] = dma.read(job.guest, job.length)
-                self.host.sync_aperture(job.aperture_offset, job.length)
+                self.host.aperture_write(job.aperture_offset, dma.read(job.guest, job.length))
             else:
-                dma.write(job.guest, window)
+                dma.write(job.guest, self.host.aperture_read(job.aperture_offset, job.length))
         except VfioUserError as exc:
             log.info("%s: DMA %#x+%#x failed: %s", self.name, job.guest, job.length, exc)
             return exc.errno

@@ -53,8 +53,12 @@ class Opcode(enum.IntEnum):
 class Execution(Protocol):
     """What a handler may do while its command runs (the engine provides it)."""
 
-    def resource(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
-        """Bytes [offset, offset+length) of a resource, checked, held for the command."""
+    def source(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        """Bytes [offset, offset+length) of a resource the command reads: checked, and
+        held (resident, fenced from the guest) for the command."""
+
+    def target(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        """As ``source``, for bytes the command writes (and may read)."""
 
     def read_guest_into(self, address: int, out: npt.NDArray[np.uint8]) -> None: ...
     def write_guest(self, address: int, data: bytes | memoryview) -> None: ...
@@ -107,13 +111,13 @@ def nop(run: Execution) -> None:
 )
 def write_resource(run: Execution, guest_addr: int, handle: int, offset: int, length: int) -> None:
     check_length(length)
-    run.read_guest_into(guest_addr, run.resource(handle, offset, length))
+    run.read_guest_into(guest_addr, run.target(handle, offset, length))
 
 
 @command(Opcode.READ_RESOURCE, "Copy `length` bytes of the resource at `offset` to guest memory.")
 def read_resource(run: Execution, handle: int, offset: int, guest_addr: int, length: int) -> None:
     check_length(length)
-    run.write_guest(guest_addr, run.resource(handle, offset, length).data)
+    run.write_guest(guest_addr, run.source(handle, offset, length).data)
 
 
 @command(Opcode.COPY_RESOURCE, "Copy between two resources (or within one; overlap is handled).")
@@ -122,8 +126,8 @@ def copy_resource(
     length: int,
 ) -> None:  # fmt: skip
     check_length(length)
-    source = run.resource(src_handle, src_offset, length)
-    target = run.resource(dst_handle, dst_offset, length)
+    source = run.source(src_handle, src_offset, length)
+    target = run.target(dst_handle, dst_offset, length)
     np.copyto(target, source)  # numpy copes with overlap
 
 
@@ -132,17 +136,18 @@ def fill(run: Execution, handle: int, offset: int, length: int, value: int) -> N
     check_length(length)
     if offset % 4 or length % 4 or value > 0xFFFFFFFF:
         raise DeviceError(ErrorCode.INVALID_ARGUMENT, "FILL needs 4-byte alignment")
-    run.resource(handle, offset, length).view(np.uint32)[:] = value
+    run.target(handle, offset, length).view(np.uint32)[:] = value
 
 
 def _surface(
-    run: Execution, handle: int, offset: int, pitch: int, width: int, height: int
-) -> npt.NDArray[np.uint8]:
+    pick: Callable[[int, int, int], npt.NDArray[np.uint8]],
+    handle: int, offset: int, pitch: int, width: int, height: int,
+) -> npt.NDArray[np.uint8]:  # fmt: skip
     if width <= 0 or height <= 0 or pitch < width or pitch * height > MAX_TRANSFER:
         raise DeviceError(
             ErrorCode.INVALID_ARGUMENT, f"bad surface: pitch {pitch}, {width} x {height}"
         )
-    flat = run.resource(handle, offset, pitch * (height - 1) + width)
+    flat = pick(handle, offset, pitch * (height - 1) + width)
     return as_strided(flat, shape=(height, width), strides=(pitch, 1), writeable=True)
 
 
@@ -156,15 +161,17 @@ def blit(
     dst_offset: int, dst_pitch: int, extent: int,
 ) -> None:  # fmt: skip
     width, height = extent & 0xFFFFFFFF, extent >> 32
-    source = _surface(run, src_handle, src_offset, src_pitch, width, height)
-    target = _surface(run, dst_handle, dst_offset, dst_pitch, width, height)
+    source = _surface(run.source, src_handle, src_offset, src_pitch, width, height)
+    target = _surface(run.target, dst_handle, dst_offset, dst_pitch, width, height)
     target[...] = source.copy() if np.shares_memory(source, target) else source
 
 
-def _floats(run: Execution, handle: int, offset: int, count: int) -> npt.NDArray[np.float32]:
+def _floats(
+    pick: Callable[[int, int, int], npt.NDArray[np.uint8]], handle: int, offset: int, count: int
+) -> npt.NDArray[np.float32]:
     if offset % 4:
         raise DeviceError(ErrorCode.INVALID_ARGUMENT, "float32 data must be 4-byte aligned")
-    return run.resource(handle, offset, count * 4).view(np.float32)
+    return pick(handle, offset, count * 4).view(np.float32)
 
 
 @command(
@@ -179,8 +186,8 @@ def saxpy(
     if not 0 < count <= MAX_TRANSFER // 4 or alpha > 0xFFFFFFFF:
         raise DeviceError(ErrorCode.INVALID_ARGUMENT, f"bad SAXPY count {count}")
     scale = np.float32(struct.unpack("<f", alpha.to_bytes(4, "little"))[0])
-    x = _floats(run, x_handle, x_offset, count)
-    y = _floats(run, y_handle, y_offset, count)
+    x = _floats(run.source, x_handle, x_offset, count)
+    y = _floats(run.target, y_handle, y_offset, count)
     y[:] = scale * x + y
 
 
@@ -194,9 +201,9 @@ def matmul(
 ) -> None:
     if not all(0 < d <= MAX_MATRIX_DIM for d in (m, n, k)):
         raise DeviceError(ErrorCode.INVALID_ARGUMENT, f"bad MATMUL dims {m}x{n}x{k}")
-    matrix_a = _floats(run, a_handle, 0, m * k).reshape(m, k)
-    matrix_b = _floats(run, b_handle, 0, k * n).reshape(k, n)
-    matrix_c = _floats(run, c_handle, 0, m * n).reshape(m, n)
+    matrix_a = _floats(run.source, a_handle, 0, m * k).reshape(m, k)
+    matrix_b = _floats(run.source, b_handle, 0, k * n).reshape(k, n)
+    matrix_c = _floats(run.target, c_handle, 0, m * n).reshape(m, n)
     np.matmul(matrix_a, matrix_b, out=matrix_c)
 
 

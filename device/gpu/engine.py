@@ -40,15 +40,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineHost(Protocol):
-    memory: npt.NDArray[np.uint8]
-
     def take_job(self, context: int) -> Job | None:
         """The next command of a context, marking its ring BUSY; None if there is none."""
 
     def finish_job(self, job: Job, error: ErrorCode | None, fence: int | None) -> None: ...
-    def pin_resource(self, handle: int, offset: int, length: int) -> Pin: ...
+    def pin_resource(self, handle: int, offset: int, length: int) -> Pin:
+        """Check a resource range and hold it: resident, fenced from the guest."""
+
     def unpin_resources(self, pins: list[Pin]) -> None: ...
-    def sync_device_memory(self, start: int, end: int) -> None: ...
     def guest_memory(self) -> DmaTable: ...
 
 
@@ -62,18 +61,41 @@ def _dma_fault(what: str) -> Iterator[None]:
 
 
 class _Run:
-    """The ``Execution`` of one command: what its handler may touch."""
+    """The ``Execution`` of one command: what its handler may touch.
+
+    A resource range whose pages are contiguous is handed out as a view of device
+    memory; any other is gathered into a copy, and a written one has the bytes that
+    changed scattered back before the command ends."""
 
     def __init__(self, host: EngineHost) -> None:
         self.host = host
         self.pins: list[Pin] = []
+        self.gathered: list[tuple[Pin, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
         self.fence: int | None = None
 
-    def resource(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
+    def _pin(self, handle: int, offset: int, length: int) -> Pin:
         pin = self.host.pin_resource(handle, offset, length)
         self.pins.append(pin)
-        self.host.sync_device_memory(pin.start, pin.end)  # the guest's writes first
-        return self.host.memory[pin.start : pin.end]
+        return pin
+
+    def source(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        pin = self._pin(handle, offset, length)
+        view = pin.resource.view(pin.offset, pin.length)
+        return view if view is not None else pin.resource.gather(pin.offset, pin.length)
+
+    def target(self, handle: int, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        pin = self._pin(handle, offset, length)
+        view = pin.resource.view(pin.offset, pin.length)
+        if view is not None:
+            return view
+        copy = pin.resource.gather(pin.offset, pin.length)
+        self.gathered.append((pin, copy, copy.copy()))
+        return copy
+
+    def scatter(self) -> None:
+        """Store what the command wrote into gathered copies."""
+        for pin, new, old in self.gathered:
+            pin.resource.scatter_changes(pin.offset, new, old)
 
     def read_guest(self, address: int, length: int) -> bytes:
         with _dma_fault(f"reading guest {address:#x}"):
@@ -160,8 +182,7 @@ class Engine:
             command = Command.decode(run.read_guest(job.address, COMMAND_SIZE))
             spec = command.spec()
             spec.handler(run, **command.arguments())
-            for pin in run.pins:  # let the guest see what the command wrote
-                self.host.sync_device_memory(pin.start, pin.end)
+            run.scatter()
             self.commands_executed += 1
         except DeviceError as exc:
             error = ErrorCode(exc.code)

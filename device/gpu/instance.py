@@ -36,14 +36,11 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
-import numpy as np
-import numpy.typing as npt
-
 from device.errors import VfioUserError
 from device.gpu import regions
 from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
-from device.gpu.aperture_map import ApertureMap
+from device.gpu.aperture_map import ApertureTable
 from device.gpu.bringup_dma import BringUpDma
 from device.gpu.engine import Engine
 from device.gpu.identity import PciFunction
@@ -56,7 +53,7 @@ from device.gpu.resource_commands import ResourceCommands
 from device.gpu.resources import Pin, Resource, ResourceTable
 from device.gpu.rings import Job, Ring
 from device.gpu.types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
-from device.units import MiB
+from device.units import PAGE_SIZE, MiB
 from device.vfio_user.dma import DmaTable
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol.constants import (
@@ -109,26 +106,30 @@ class GpuInstance:
         if instance_type is None:
             raise ValueError("an instance on a shared physical GPU needs an instance type")
         self.physical = physical
-        self.partition, self.instance_type = physical.reserve(name, instance_type)
-        self.aperture_size = self.instance_type.memory
+        mapping = MappingMode(mapping)
+        static = mapping is MappingMode.STATIC
+        self.instance_type, self.private = physical.reserve(name, instance_type, static=static)
+        self.aperture_size = self.instance_type.aperture_size
         self.contexts = self.instance_type.contexts
-        self.pages = ApertureMap(self.partition, self.aperture_size)
-        self.aperture = physical.view(self.partition.offset, self.partition.size)
-        self.memory: npt.NDArray[np.uint8] = physical.memory
-        self.resources = ResourceTable(self.partition)
+        self.table = ApertureTable(self.aperture_size)
+        # Static mode: the private memory QEMU maps, 1:1 (tests read it directly).
+        self.aperture = self.private.view(0, self.aperture_size) if self.private else None
+        self.resources = ResourceTable(name, self.instance_type.memory)
         self._lock = threading.Lock()
         self._deferred: list[Callable[[], None]] = []
         try:
             self.window = Aperture(
-                name, physical, self.pages, MappingMode(mapping), DeniedPolicy(denied),
+                name, physical, self.table, self.private, mapping, DeniedPolicy(denied),
                 self._report_fault,
             )  # fmt: skip
         except BaseException:
-            self.aperture.release()
+            if self.aperture is not None:
+                self.aperture.release()
             physical.release(name)
             if self._owns_physical:
                 physical.close()
             raise
+        physical.attach(name, self)
         self.dma: DmaTable | None = None
         self.region_access_count: dict[int, int] = {}
         self.resets = 0
@@ -139,8 +140,8 @@ class GpuInstance:
         self.rings = [Ring(c, self.registers, self._report_error) for c in range(self.contexts)]
         self._region_sizes = {i: self.region_info(i)[0].size for i in range(PCI_NUM_REGIONS)}
         self.resource_commands = ResourceCommands(
-            name, self.registers, self.resources, self.pages, self.window, physical,
-            defer=self._defer, report_error=self._report_error, free=self._free,
+            name, self.registers, self.resources, self.window, physical,
+            defer=self._defer, report_error=self._report_error, locked=self._locked,
         )  # fmt: skip
         self.bring_up = BringUpDma(name, self.registers, self)
         self._reset_registers()
@@ -187,10 +188,10 @@ class GpuInstance:
         if mode is MappingMode.TRAP:
             return regions.trapped_aperture(size), None
         if mode is MappingMode.FAULT:  # QEMU maps our FUSE file: faults come to us
-            return regions.mapped_aperture(size, 0, self.partition.size), self.window.file_fd
-        # static: QEMU maps the physical GPU's memfd at this partition's offset.
-        info = regions.mapped_aperture(size, self.partition.offset, self.partition.size)
-        return info, self.physical.memory_fd
+            return regions.mapped_aperture(size, 0, size), self.window.file_fd
+        # static: QEMU maps the instance's private, sealed memory, and nothing else.
+        assert self.private is not None
+        return regions.mapped_aperture(size, 0, size), self.private.fd
 
     def irq_infos(self) -> list[IrqInfo]:
         return regions.irq_infos(self.interrupt_mode)
@@ -252,13 +253,20 @@ class GpuInstance:
             self.engine.fenced(),
             self.bring_up.fenced(),
         ):
-            self.window.deny_all()  # the guest's next touch of any page faults
             with self._locked():
                 gone = self.resources.remove_all()
                 self._reset_registers()
                 self.resets += 1
-            self.resource_commands.released_by(gone)  # fenced: no command pins them
+            self._drop_resources(gone)  # the guest's next touch of any page faults
         log.info("%s: device reset (%d resources freed)", self.name, len(gone))
+
+    def _drop_resources(self, gone: list[Resource]) -> None:
+        """Unmap every page of the table and free removed resources (lock not held)."""
+        pages = list(range(self.table.page_count))
+        with self.window.changing(pages), self.window.lock:
+            self.table.unmap(0, self.table.page_count)
+        for resource in gone:
+            self.physical.remove(resource)
 
     def _reset_registers(self) -> None:
         self.registers.reset(
@@ -281,17 +289,18 @@ class GpuInstance:
         with self._client_requests_cancelled():
             stopped = self.engine.stop(STOP_TIMEOUT)
             stopped = self.bring_up.stop(STOP_TIMEOUT) and stopped
-        self.window.deny_all()  # unmap every page from a QEMU that may still be attached
-        self.window.close()
         if not stopped:
             # A worker may still write device memory: never hand it to anyone else.
+            self.window.deny_all()  # unmap every page from a QEMU that may still be attached
+            self.window.close()
             log.error("%s: a worker did not stop; its device memory stays reserved", self.name)
             return
         with self._locked():
             gone = self.resources.remove_all()
-        self.resource_commands.released_by(gone)
-        self.aperture.release()
-        del self.memory
+        self._drop_resources(gone)  # unmaps every page from a QEMU still attached
+        self.window.close()
+        if self.aperture is not None:
+            self.aperture.release()
         self.physical.release(self.name)
         if self._owns_physical:
             self.physical.close()
@@ -358,44 +367,60 @@ class GpuInstance:
             self.registers.set("FAULT_FLAGS", 1 if write else 0)
             self.interrupts.raise_cause(IntBit.FAULT)
 
-    def _free(self, resource: Resource) -> None:
-        with self._locked():
-            self.resources.free(resource)
-
     # ------------------------------------------------------------------ observation
 
     def describe_resources(self) -> list[dict[str, int | bool]]:
         """The live resources, for the control plane and tests."""
         with self._locked():
+            resources = list(self.resources.resources.values())
+        with self.physical.lock:
             return [
                 {
                     "handle": r.handle,
                     "size": r.size,
-                    "device_offset": r.extent.offset,
-                    "placed": r.placed,
+                    "resident": r.resident,
+                    "pages": r.page_count,
+                    "runs": len(r.runs),
+                    "mapped_pages": len(r.mapped_at),
                     "pins": r.pins,
                 }
-                for r in self.resources.resources.values()
+                for r in resources
             ]
 
     def describe_aperture(self) -> list[dict[str, int | bool]]:
-        """The aperture's mapped runs: aperture offset, length, resource and offset in it,
-        and whether the memory is resident."""
+        """The page table's mapped runs: aperture offset, length, resource handle and
+        offset in it, and whether that resource is resident."""
+        with self.window.lock, self.physical.lock:
+            return self.table.runs()
+
+    def read_aperture(self, offset: int, length: int) -> bytes:
+        """What the aperture shows at [offset, offset+length), as the device sees it
+        (the guest's dirty bytes included; unmapped pages read as zeros)."""
+        parts = []
+        for entry, at, size in self.window._runs_of(offset, length):
+            if entry is None:
+                parts.append(bytes(size))
+            else:
+                parts.append(self.window._resource_access(entry, at, size, None, device=True))
+        return b"".join(parts)
+
+    # ------------------------------------------------------------------ residency host
+
+    def fence_resource(self, resource: Resource) -> None:
+        self.window.fence_resource(resource)
+
+    def unfence_resource(self, resource: Resource) -> None:
+        self.window.unfence_resource(resource)
+
+    def resource_moved(self, resource: Resource, kind: str) -> None:
+        with self.window.lock:
+            pages = self.table.pages_of(resource)
+        offset = pages[0] * PAGE_SIZE if pages else -1
+        self.window.log.add(kind, offset, resource.page_count * PAGE_SIZE, handle=resource.handle)
+
+    def resource_freed(self, resource: Resource) -> None:
         with self._locked():
-            runs = []
-            for r in self.resources.resources.values():
-                offset = self.pages.placement(r.extent)
-                if r.placed:
-                    runs.append(
-                        {
-                            "aperture_offset": offset,
-                            "length": r.extent.size,
-                            "handle": r.handle,
-                            "resource_offset": 0,
-                            "resident": True,
-                        }
-                    )
-            return sorted(runs, key=lambda run: int(run["aperture_offset"]))
+            self.resources.forget(resource)
 
     # ------------------------------------------------------------------ the engine's host
 
@@ -415,16 +440,16 @@ class GpuInstance:
 
     def pin_resource(self, handle: int, offset: int, length: int) -> Pin:
         with self._locked():
-            return self.resources.pin(handle, offset, length)
+            resource = self.resources.get(handle)
+            self.resources.check_range(resource, offset, length)
+        self.physical.pin(resource)  # pages it back in if it was evicted
+        self.window.fence_resource(resource)  # the guest's copies of it written back
+        return Pin(resource, offset, length)
 
     def unpin_resources(self, pins: list[Pin]) -> None:
-        with self._locked():
-            unused = [r for pin in pins if (r := self.resources.unpin(pin)) is not None]
-        self.resource_commands.released_by(unused)  # destroyed while the command ran
-
-    def sync_device_memory(self, start: int, end: int) -> None:
-        """Before and after the engine touches device memory [start, end)."""
-        self.window.sync_device(start, end)
+        for pin in pins:
+            self.window.unfence_resource(pin.resource)
+            self.physical.unpin(pin.resource)  # frees it if destroyed meanwhile
 
     def guest_memory(self) -> DmaTable:
         dma = self.dma
@@ -434,11 +459,11 @@ class GpuInstance:
 
     # ------------------------------------------------------------------ bring-up DMA's host
 
-    def aperture_view(self, offset: int, length: int) -> memoryview:
-        return self.physical.view(self.pages.to_device(offset), length)
+    def aperture_read(self, offset: int, length: int) -> bytes:
+        return self.window.read(offset, length, device=True)
 
-    def sync_aperture(self, offset: int, length: int) -> None:
-        self.window.sync(offset, length)
+    def aperture_write(self, offset: int, data: bytes) -> None:
+        self.window.write(offset, data, device=True)
 
     def bring_up_done(self, generation: int, error: int) -> None:
         with self._locked():

@@ -3,6 +3,7 @@ every engine command with its results, bad commands, interrupts, reset, isolatio
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import shutil
@@ -430,7 +431,7 @@ def test_reset_frees_resources_zeroes_memory_restores_registers(
     driver.run(encode(Opcode.FILL, handle=handle, offset=0, length=MiB, value=0x5A5A5A5A))
     assert bytes(device.aperture[offset : offset + 4]) == b"ZZZZ"
     driver.write("SCRATCH", 7)
-    free_before = server.physical.pool.free_bytes
+    free_before = server.physical.free_bytes
     if how == "message":
         driver.client.reset()
     elif how == "register":
@@ -444,7 +445,7 @@ def test_reset_frees_resources_zeroes_memory_restores_registers(
     assert driver.read("MEM_FREE_LO") == 4 * MiB
     assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.STOPPED
     assert bytes(device.aperture[offset : offset + 4]) == bytes(4)
-    assert server.physical.pool.free_bytes == free_before  # partition stays reserved
+    assert server.physical.free_bytes == free_before  # a static instance keeps its memory reserved
     with pytest.raises(DriverError):
         driver.destroy(handle)
     driver.setup_ring()
@@ -473,14 +474,16 @@ def test_two_instances_cannot_reach_each_others_resources(
         with pytest.raises(DriverError) as exc:
             driver_b.wait_fence(driver_b.fence_value, timeout=10)
         assert exc.value.code == ErrorCode.INVALID_HANDLE
-        # Their apertures are disjoint partitions of the physical GPU's memory.
+        # Each aperture fd is the instance's own memory and nothing else: another
+        # file, exactly its size, sealed so that a client cannot shrink it.
         a, b = server.instances["a"].device, other.device
-        a_info, _ = a.region_info(PciRegion.BAR2)
-        b_info, _ = b.region_info(PciRegion.BAR2)
-        assert (
-            a_info.offset + a.aperture_size <= b_info.offset
-            or b_info.offset + b.aperture_size <= a_info.offset
-        )
+        _, a_fd = a.region_info(PciRegion.BAR2)
+        b_info, b_fd = b.region_info(PciRegion.BAR2)
+        assert a_fd is not None and b_fd is not None
+        assert os.fstat(a_fd).st_ino != os.fstat(b_fd).st_ino
+        assert os.fstat(b_fd).st_size == b.aperture_size == b_info.offset + b_info.size
+        assert fcntl.fcntl(b_fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        assert b.aperture is not None
         # B's aperture never shows A's data.
         assert b"\xde\xc0" not in bytes(b.aperture)
         driver_b.close()

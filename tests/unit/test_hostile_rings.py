@@ -265,7 +265,7 @@ def test_closing_an_instance_does_not_wait_for_a_client_that_never_answers(
         assert not closer.is_alive(), "close() waited for the client"
         assert time.monotonic() - started < 5
         assert not device.engine._thread.is_alive()
-        assert "stuck" not in physical.partitions, "memory released once nothing can touch it"
+        assert "stuck" not in physical.instances, "memory released once nothing can touch it"
     finally:
         client.close()
         endpoint.stop()
