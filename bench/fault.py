@@ -29,6 +29,7 @@ from device.control.manager import GpuServer
 from device.fuse import protocol as fp
 from device.gpu.modes import MappingMode
 from device.gpu.physical import PhysicalGpu
+from device.gpu.registers import ResourceCommand
 from device.gpu.types import InstanceType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +113,12 @@ def main() -> int:
         window = device.window
         fuse = window.fuse
         assert fuse is not None
-        window.allow(0, size)  # as if one resource covered the whole range
+        # One resource covering the whole range, mapped at aperture offset 0.
+        handle = device.resource_command(ResourceCommand.CREATE, RES_SIZE=size)
+        device.resource_command(
+            ResourceCommand.MAP, RES_HANDLE=handle, RES_APERTURE=0, RES_RANGE_OFFSET=0,
+            RES_RANGE_LENGTH=size,
+        )  # fmt: skip
         memfd = os.memfd_create("bench-baseline", os.MFD_CLOEXEC)
         os.ftruncate(memfd, size)
 
@@ -126,7 +132,7 @@ def main() -> int:
             touch["memfd"] += out["samples"]
             bandwidth["memfd"] += out["read_MBps"]
             finish(proc)
-            window.revoke(0, size)  # drop everything: next touches fault again
+            window.deny_all()  # drop everything: next touches fault again
             proc, out = child(window.file_fd, size, "touch")
             touch["fault"] += out["samples"]
             bandwidth["fault"] += out["read_MBps"]
@@ -140,7 +146,7 @@ def main() -> int:
         # Revoke cost: clean pages (touched by reads) and dirty pages (written).
         revoke: dict[str, float] = {}
         for mode in ("touch", "dirty"):
-            window.revoke(0, size)
+            window.deny_all()
             proc, _ = child(window.file_fd, size, mode)
             t = time.perf_counter_ns()
             fuse.invalidate(0, size)

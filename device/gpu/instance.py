@@ -36,7 +36,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
-from device.errors import VfioUserError
+from device.errors import DeviceError, VfioUserError
 from device.gpu import regions
 from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
@@ -48,7 +48,14 @@ from device.gpu.interrupts import Interrupts
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.physical import PhysicalGpu
 from device.gpu.register_file import DYNAMIC_OFFSETS, RegisterFile
-from device.gpu.registers import ErrorCode, IntBit, ReadAction, Register, WriteAction
+from device.gpu.registers import (
+    ErrorCode,
+    IntBit,
+    ReadAction,
+    Register,
+    ResourceCommand,
+    WriteAction,
+)
 from device.gpu.resource_commands import ResourceCommands
 from device.gpu.resources import Pin, Resource, ResourceTable
 from device.gpu.rings import Job, Ring
@@ -112,8 +119,7 @@ class GpuInstance:
         self.aperture_size = self.instance_type.aperture_size
         self.contexts = self.instance_type.contexts
         self.table = ApertureTable(self.aperture_size)
-        # Static mode: the private memory QEMU maps, 1:1 (tests read it directly).
-        self.aperture = self.private.view(0, self.aperture_size) if self.private else None
+        self._static_view = self.private.view(0, self.aperture_size) if self.private else None
         self.resources = ResourceTable(name, self.instance_type.memory)
         self._lock = threading.Lock()
         self._deferred: list[Callable[[], None]] = []
@@ -123,8 +129,8 @@ class GpuInstance:
                 self._report_fault,
             )  # fmt: skip
         except BaseException:
-            if self.aperture is not None:
-                self.aperture.release()
+            if self._static_view is not None:
+                self._static_view.release()
             physical.release(name)
             if self._owns_physical:
                 physical.close()
@@ -147,6 +153,14 @@ class GpuInstance:
         self._reset_registers()
         self.engine = Engine(self, self.contexts, name)
         self._closed = False
+
+    @property
+    def aperture(self) -> memoryview:
+        """Static mode: the instance's memory as QEMU maps it, 1:1 (tests read it).
+        Other modes have no such view: ``read_aperture`` translates."""
+        if self._static_view is None:
+            raise AttributeError("only a static instance has a 1:1 aperture view")
+        return self._static_view
 
     # ------------------------------------------------------------------ locking
 
@@ -299,8 +313,8 @@ class GpuInstance:
             gone = self.resources.remove_all()
         self._drop_resources(gone)  # unmaps every page from a QEMU still attached
         self.window.close()
-        if self.aperture is not None:
-            self.aperture.release()
+        if self._static_view is not None:
+            self._static_view.release()
         self.physical.release(self.name)
         if self._owns_physical:
             self.physical.close()
@@ -403,6 +417,30 @@ class GpuInstance:
             else:
                 parts.append(self.window._resource_access(entry, at, size, None, device=True))
         return b"".join(parts)
+
+    # ------------------------------------------------------------------ Python API
+
+    def resource_command(self, command: ResourceCommand, **values: int) -> int:
+        """Run a resource command through the RES_* registers, as a driver would
+        (tests, benchmarks, the control plane): writes ``values`` (64-bit ones by their
+        name without _LO/_HI), then RES_COMMAND; returns RES_HANDLE for CREATE, else
+        RES_OFFSET.  Raises DeviceError with RES_STATUS on failure."""
+        for name, value in values.items():
+            if f"{name}_LO" in regs.BY_NAME:
+                self._write_register(f"{name}_LO", value & 0xFFFFFFFF)
+                self._write_register(f"{name}_HI", value >> 32)
+            else:
+                self._write_register(name, value)
+        self._write_register("RES_COMMAND", command)
+        status = self.registers.get("RES_STATUS")
+        if status:
+            raise DeviceError(status, f"{command.name} failed: {ErrorCode(status).name}")
+        if command is ResourceCommand.CREATE:
+            return self.registers.get("RES_HANDLE")
+        return self.registers.get64("RES_OFFSET")
+
+    def _write_register(self, name: str, value: int) -> None:
+        self.region_write(PciRegion.BAR0, regs.BY_NAME[name].offset, value.to_bytes(4, "little"))
 
     # ------------------------------------------------------------------ residency host
 

@@ -42,8 +42,7 @@ def bdf_of(vm: GuestVM, device: GpuInstance, tag: int) -> str:
 
 
 def host_view(device: GpuInstance, offset: int, length: int) -> bytes:
-    device.window.sync(offset, length)  # the guest's dirty pages, written back
-    return bytes(device.aperture[offset : offset + length])
+    return device.read_aperture(offset, length)  # the guest's dirty pages written back
 
 
 @pytest.mark.parametrize("mapping", [MappingMode.FAULT, MappingMode.TRAP], ids=str)
