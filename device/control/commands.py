@@ -298,9 +298,24 @@ def _query_faults(control: Control, name: str | None = None, since: int = 0) -> 
     NAME,
     Arg("type", "string", "an instance type (query-types)", required=True),
     Arg("socket", "string", "vfio-user socket path (default: NAME.sock by the control socket)"),
-    Arg("mapping", "string", "aperture mapping mode (default static)", choices=tuple(MappingMode)),
-    Arg("policy", "string", "denied-access policy (default sigbus)", choices=tuple(DeniedPolicy)),
-    Arg("interrupts", "string", "msix (default) or msi", choices=tuple(InterruptMode)),
+    Arg(
+        "mapping",
+        "string",
+        "aperture mapping mode (default static)",
+        choices=tuple(m.value for m in MappingMode),
+    ),
+    Arg(
+        "policy",
+        "string",
+        "denied-access policy (default sigbus)",
+        choices=tuple(p.value for p in DeniedPolicy),
+    ),
+    Arg(
+        "interrupts",
+        "string",
+        "msix (default) or msi",
+        choices=tuple(i.value for i in InterruptMode),
+    ),
 )
 def _instance_add(
     control: Control,
