@@ -6,7 +6,9 @@ the ones below it, never above.
     harness/      guest harness: boot QEMU with instances attached (vm, launch =
                   run_qemu.sh) and a reference Python driver (driver) for tests
     control/      control plane: GpuServer (create and destroy instances at run time,
-                  manager) and the command line (cli)
+                  events, manager), the command table (commands: the single source
+                  of truth of the control socket), the QMP control socket (qmp), the
+                  command line (cli) and its mdevctl-style client commands (ctl)
     gpu/          the device model: one physical GPU (physical, allocator, types)
                   shared by instances; an instance (instance) composes its parts:
                     identity          PCI IDs, BARs, capabilities, FLR
@@ -24,6 +26,7 @@ the ones below it, never above.
                     access_policy     what a denied aperture access gets
                     aperture          the BAR2 window: mapping modes, faults, coherency
                     modes             InterruptMode, MappingMode, DeniedPolicy
+                    inject            fault injection: the fault table and its state
     fuse/         the fault engine: a one-file FUSE filesystem whose reads are page
                   faults (protocol: the kernel protocol; server: mount, serve, revoke)
     pci/          PCI building blocks: config space (config) and one builder per
@@ -32,6 +35,8 @@ the ones below it, never above.
                   framing), transport (unix socket, SCM_RIGHTS), session (one client's
                   state and the one dispatcher), server (endpoints and their threads),
                   dma (the DMA map table), irq (eventfds), client (our own client)
+    trace         structured tracing, off by default (a module boolean); JSON lines
+                  and Perfetto trace files
     errors, units the error tree (drawn in errors.py) and shared sizes
 
 Which file to open:
@@ -45,4 +50,7 @@ Which file to open:
                                         vfio_user/session.py (its handler)
     a new PCI capability                pci/capabilities.py, then gpu/identity.py
     create instances differently        control/manager.py
+    add a control command or event      control/commands.py (one decorated function), then
+                                        ``python -m device.docs``
+    add an injectable fault             gpu/inject.py (FAULTS and a hook where it bites)
 """

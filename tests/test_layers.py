@@ -9,7 +9,18 @@ import device
 
 ROOT = Path(device.__file__).resolve().parent
 # Bottom up; a module may import from its own layer and the ones before it.
-LAYERS = ["errors", "units", "vfio_user", "pci", "fuse", "gpu", "control", "harness", "docs"]
+LAYERS = [
+    "errors",
+    "units",
+    "trace",
+    "vfio_user",
+    "pci",
+    "fuse",
+    "gpu",
+    "control",
+    "harness",
+    "docs",
+]
 
 
 def layer_of(module: str) -> int:

@@ -1,4 +1,6 @@
-"""Command line: ``python -m device serve --socket PATH``."""
+"""Command line: ``mgpu serve --socket PATH [--control PATH]`` (also ``python -m device``),
+and the mdevctl-style commands that talk to a running server's control socket
+(``ctl.py``: types, list, start, stop, faults, trace, inject, top)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import sys
 import threading
 from pathlib import Path
 
+from device.control import ctl
+from device.control.commands import Control
 from device.control.manager import GpuServer
+from device.control.qmp import ControlServer
 from device.errors import CapacityError
 from device.fuse.server import FuseUnavailable
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
@@ -48,12 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--socket",
-        required=True,
         type=Path,
         metavar="PATH",
         action="append",
+        default=[],
         help="unix socket path to listen on (its directory must exist); "
         "repeat to serve several GPU instances from this one process",
+    )
+    serve.add_argument(
+        "--control",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="also serve the control socket here (QMP protocol: qmp-shell, `mgpu list`, "
+        "docs/control.md); instances can then be added at run time, so --socket is optional",
     )
     serve.add_argument(
         "--type",
@@ -118,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     types = sub.add_parser(
         "types",
         help="list instance types and how many fit",
-        description="List the instance types and available_instances of "
-        "each on a physical GPU of --memory bytes.",
+        description="List the instance types and available_instances of each: on a "
+        "running server with --control (or $MGPU_CONTROL), else on a physical GPU of "
+        "--memory bytes.",
     )
     types.add_argument("--memory", type=parse_size, default=DEFAULT_MEMORY, metavar="SIZE")
+    ctl.add_client_options(types)
+    ctl.add_commands(sub)
     return parser
 
 
@@ -146,32 +162,53 @@ def make_physical(args: argparse.Namespace, count: int) -> tuple[PhysicalGpu, st
     return PhysicalGpu(memory, contexts, types), itype.name
 
 
-def serve(args: argparse.Namespace) -> int:
-    sockets: list[Path] = args.socket
-    names = (
-        [args.name]
-        if len(sockets) == 1 and args.name
-        else [f"{args.name or 'gpu'}{i}" for i in range(len(sockets))]
-    )
-    try:
-        physical, type_name = make_physical(args, len(sockets))
-    except ValueError as exc:
-        log.error("bad configuration: %s", exc)
-        return 2
-    server = GpuServer(physical)
-    for name, path in zip(names, sockets, strict=True):
+def create_instances(
+    server: GpuServer, args: argparse.Namespace, names: list[str], type_name: str
+) -> int:
+    """The instances of --socket; 0, or the exit code if one cannot be created."""
+    for name, path in zip(names, args.socket, strict=True):
         try:
             server.create_instance(
                 name, type_name, path, args.interrupts, args.mapping, args.denied
             )
         except (CapacityError, FuseUnavailable) as exc:
             log.error("cannot create %s: %s", name, exc)
-            server.close()
             return 2
         except SocketPathError as exc:
             log.error("cannot serve on %s: %s", path, exc)
+            return 1
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    sockets: list[Path] = args.socket
+    if not sockets and args.control is None:
+        log.error("nothing to serve: give --socket PATH (repeatable) or --control PATH")
+        return 2
+    names = (
+        [args.name]
+        if len(sockets) == 1 and args.name
+        else [f"{args.name or 'gpu'}{i}" for i in range(len(sockets))]
+    )
+    try:
+        physical, type_name = make_physical(args, max(1, len(sockets)))
+    except ValueError as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    server = GpuServer(physical)
+    failed = create_instances(server, args, names, type_name)
+    if failed:
+        server.close()
+        return failed
+    control: ControlServer | None = None
+    if args.control is not None:
+        try:
+            control = ControlServer(args.control, Control(server, args.control.parent))
+        except SocketPathError as exc:
+            log.error("cannot serve control on %s: %s", args.control, exc)
             server.close()
             return 1
+        control.start()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -189,10 +226,15 @@ def serve(args: argparse.Namespace) -> int:
             served.endpoint.path,
         )
         print(f"ready {served.endpoint.path}", flush=True)
+    if control is not None:
+        log.info("control socket (QMP) on %s", control.path)
+        print(f"control {control.path}", flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
+        if control is not None:
+            control.stop()
         server.close()
     return 0
 
@@ -221,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "types":
+        if args.control:
+            return ctl.run(args, ctl.cmd_types)
         return list_types(args)
-    return 2
+    return ctl.run(args, args.client_command)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,14 @@ import contextlib
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from device.errors import DeviceError, VfioUserError
 from device.fuse.server import FuseAperture, Reply
+from device.gpu import inject
 from device.gpu.access_policy import denied_access
 from device.gpu.aperture_map import ApertureTable, Entry
 from device.gpu.device_memory import DeviceMemory
@@ -109,6 +111,9 @@ class Aperture:
     def fault(self, offset: int, length: int, later: Reply) -> bytes | int | None:
         """A first touch (FUSE READ) of [offset, offset+length): data, an errno, or None
         (parked: ``later`` gets the answer)."""
+        delay = inject.fault_delay(self.name)  # an injected slow fault
+        if delay:
+            time.sleep(delay)
         try:
             return self._fault(offset, length, later)
         finally:
@@ -309,6 +314,9 @@ class Aperture:
 
     def _access(self, offset: int, count: int, data: bytes | None, device: bool) -> list[bytes]:
         """An access through the page table, one run of one resource at a time."""
+        delay = 0.0 if device else inject.fault_delay(self.name)  # an injected slow fault
+        if delay:
+            time.sleep(delay)
         parts: list[bytes] = []
         for entry, at, length in self._runs_of(offset, count):
             chunk = None if data is None else data[at - offset : at - offset + length]

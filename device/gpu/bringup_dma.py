@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from device import trace
 from device.errors import VfioUserError
 from device.gpu import registers as regs
 from device.gpu.register_file import RegisterFile
@@ -100,7 +101,11 @@ class BringUpDma:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._running:
+                if trace.ENABLED:
+                    trace.emit(self.name, "dma", "B", name="bring-up", length=job.length)
                 error = self._copy(job)
+                if trace.ENABLED:
+                    trace.emit(self.name, "dma", "E", name="bring-up", error=error)
                 try:
                     self.host.bring_up_done(job.generation, error)
                 except Exception:

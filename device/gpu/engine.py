@@ -23,14 +23,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from device import trace
 from device.errors import DeviceError, VfioUserError
 from device.gpu.commands import COMMAND_SIZE, Command
+from device.gpu.inject import Faults
 from device.gpu.registers import ErrorCode
 from device.gpu.resources import Pin
 from device.gpu.rings import Job
@@ -67,11 +70,13 @@ class _Run:
     memory; any other is gathered into a copy, and a written one has the bytes that
     changed scattered back before the command ends."""
 
-    def __init__(self, host: EngineHost) -> None:
+    def __init__(self, host: EngineHost, name: str = "", context: int = 0) -> None:
         self.host = host
         self.pins: list[Pin] = []
         self.gathered: list[tuple[Pin, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
         self.fence: int | None = None
+        self.name = name
+        self.context = context
 
     def _pin(self, handle: int, offset: int, length: int) -> Pin:
         pin = self.host.pin_resource(handle, offset, length)
@@ -98,14 +103,31 @@ class _Run:
             pin.resource.scatter_changes(pin.offset, new, old)
 
     def read_guest(self, address: int, length: int) -> bytes:
+        if trace.ENABLED:
+            trace.emit(
+                self.name, "dma", context=self.context, op="read", address=address, length=length
+            )
         with _dma_fault(f"reading guest {address:#x}"):
             return self.host.guest_memory().read(address, length)
 
     def read_guest_into(self, address: int, out: npt.NDArray[np.uint8]) -> None:
+        if trace.ENABLED:
+            trace.emit(
+                self.name, "dma", context=self.context, op="read", address=address, length=out.size
+            )
         with _dma_fault(f"reading guest {address:#x}"):
             self.host.guest_memory().read_into(address, out)
 
     def write_guest(self, address: int, data: bytes | memoryview) -> None:
+        if trace.ENABLED:
+            trace.emit(
+                self.name,
+                "dma",
+                context=self.context,
+                op="write",
+                address=address,
+                length=len(data),
+            )
         with _dma_fault(f"writing guest {address:#x}"):
             self.host.guest_memory().write(address, data)
 
@@ -114,11 +136,15 @@ class _Run:
 
 
 class Engine:
-    def __init__(self, host: EngineHost, contexts: int, name: str) -> None:
+    def __init__(
+        self, host: EngineHost, contexts: int, name: str, faults: Faults | None = None
+    ) -> None:
         self.host = host
         self.contexts = contexts
         self.name = name
+        self.faults = faults  # injected hangs and ring errors (inject.py)
         self.commands_executed = 0
+        self.busy_seconds = 0.0  # time spent running commands, for `mgpu top`
         self._kick = threading.Event()
         self._stopping = False
         self._paused = 0  # fences in progress; guarded by _pause_lock
@@ -176,9 +202,29 @@ class Engine:
         return busy
 
     def _execute(self, job: Job) -> None:
-        run = _Run(self.host)
+        started = time.perf_counter()
+        try:
+            if trace.ENABLED:
+                self._execute_traced(job)
+            else:
+                self._run_job(job)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
+    def _execute_traced(self, job: Job) -> None:
+        where = {"context": job.context, "ring_offset": job.ring_offset}
+        trace.emit(self.name, "command", "B", name=f"ctx{job.context}", **where)
+        error = self._run_job(job)
+        outcome = error.name if error is not None else "done"
+        trace.emit(self.name, "command", "E", name=f"ctx{job.context}", result=outcome, **where)
+
+    def _run_job(self, job: Job) -> ErrorCode | None:
+        run = _Run(self.host, self.name, job.context)
         error: ErrorCode | None = None
         try:
+            if self.faults is not None and self.faults.engine_armed:
+                if not self.faults.before_command():
+                    return None  # hung until a device reset, which owns the ring now
             command = Command.decode(run.read_guest(job.address, COMMAND_SIZE))
             spec = command.spec()
             spec.handler(run, **command.arguments())
@@ -199,3 +245,4 @@ class Engine:
         finally:
             self.host.unpin_resources(run.pins)
         self.host.finish_job(job, error, None if error else run.fence)
+        return error

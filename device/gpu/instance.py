@@ -5,7 +5,7 @@ Region layout (vfio PCI region indexes):
         register file (``register_file.py``, table in ``registers.py``).
   BAR2  the aperture, 64-bit prefetchable: device memory as ``ApertureMap`` maps it.
         How the guest reaches it is the instance's mapping mode (``aperture.py``):
-        static (QEMU maps the partition of the physical GPU's memfd), fault (QEMU maps
+        static (QEMU maps the instance's private sealed memfd 1:1), fault (QEMU maps
         a FUSE file and each first touch asks us) or trap (every access is a message).
   BAR4  16 KiB, 32-bit MMIO: the MSI-X table (QEMU emulates it) and PBA; MSI-X only.
   CONFIG 4 KiB PCI Express config space (``identity.py``).
@@ -35,14 +35,17 @@ import errno
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
+from device import trace
 from device.errors import DeviceError, VfioUserError
-from device.gpu import regions
+from device.gpu import inject, regions
 from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
 from device.gpu.aperture_map import ApertureTable
 from device.gpu.bringup_dma import BringUpDma
 from device.gpu.engine import Engine
+from device.gpu.fault_log import FaultRecord
 from device.gpu.identity import PciFunction
 from device.gpu.interrupts import Interrupts
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
@@ -76,6 +79,20 @@ NO_CONTEXT = 0xFFFFFFFF
 # How long destruction waits for a worker to finish its current job.  Nothing it does
 # can block once message DMA is cancelled, so this is a bound on one command's work.
 STOP_TIMEOUT = 30.0
+# FaultLog kinds -> (control event, trace kind); the event is None for trace-only ones.
+FAULT_EVENTS: dict[str, tuple[str | None, str]] = {
+    "served": ("FAULT", "fault"),
+    "paged_in": ("FAULT", "page_in"),
+    "denied": ("ACCESS_DENIED", "fault"),
+    "dummy": ("ACCESS_DENIED", "fault"),
+    "reported": ("ACCESS_DENIED", "fault"),
+    "write_dropped": ("ACCESS_DENIED", "writeback"),
+    "revoked": ("REVOKED", "revoke"),
+    "evicted": ("EVICTED", "evict"),
+    "written_back": (None, "writeback"),
+}
+SLOWED_KINDS = frozenset({"served", "paged_in", "denied", "dummy", "reported"})
+EventListener = Callable[[str, dict[str, Any]], None]
 
 
 class GpuInstance:
@@ -83,8 +100,8 @@ class GpuInstance:
 
     Made by ``PhysicalGpu``'s owner with ``physical`` and ``instance_type``; without
     them it gets a private physical GPU the size of its aperture (tests, one-off use).
-    ``aperture`` is a memoryview of the device memory behind BAR2 (the partition);
-    ``window`` is how the guest reaches it (mapping mode, page permissions, fault log).
+    ``aperture`` is the 1:1 view of a static instance's memory; ``read_aperture`` reads
+    through the page table in any mode; ``window`` is how the guest reaches BAR2.
     """
 
     def __init__(
@@ -123,6 +140,8 @@ class GpuInstance:
         self.resources = ResourceTable(name, self.instance_type.memory)
         self._lock = threading.Lock()
         self._deferred: list[Callable[[], None]] = []
+        self.faults = inject.Faults(name)  # what is injected (inject.py)
+        self.listeners: list[EventListener] = []  # control-plane events (name, data)
         try:
             self.window = Aperture(
                 name, physical, self.table, self.private, mapping, DeniedPolicy(denied),
@@ -136,13 +155,14 @@ class GpuInstance:
                 physical.close()
             raise
         physical.attach(name, self)
+        self.window.log.listeners.append(self._on_fault_record)
         self.dma: DmaTable | None = None
         self.region_access_count: dict[int, int] = {}
         self.resets = 0
         self.function = PciFunction(self.interrupt_mode, self.aperture_size)
         self.config = self.function.config
         self.registers = RegisterFile(self._register_writers(), self._register_readers())
-        self.interrupts = Interrupts(self.registers, self.interrupt_mode)
+        self.interrupts = Interrupts(self.registers, self.interrupt_mode, name, self.faults)
         self.rings = [Ring(c, self.registers, self._report_error) for c in range(self.contexts)]
         self._region_sizes = {i: self.region_info(i)[0].size for i in range(PCI_NUM_REGIONS)}
         self.resource_commands = ResourceCommands(
@@ -151,8 +171,9 @@ class GpuInstance:
         )  # fmt: skip
         self.bring_up = BringUpDma(name, self.registers, self)
         self._reset_registers()
-        self.engine = Engine(self, self.contexts, name)
+        self.engine = Engine(self, self.contexts, name, self.faults)
         self._closed = False
+        inject.register(self.faults)
 
     @property
     def aperture(self) -> memoryview:
@@ -220,6 +241,19 @@ class GpuInstance:
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         self._check_access(index, offset, count)
+        if trace.ENABLED or self.faults.removed:
+            return self._region_read_observed(index, offset, count)
+        return self._region_read(index, offset, count)
+
+    def _region_read_observed(self, index: int, offset: int, count: int) -> bytes:
+        """A read while tracing, or of a removed device (all ones)."""
+        data = b"\xff" * count if self.faults.removed else self._region_read(index, offset, count)
+        if trace.ENABLED:
+            value = int.from_bytes(data[:8], "little")
+            trace.emit(self.name, "register", region=index, offset=offset, size=count, value=value)
+        return data
+
+    def _region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == PciRegion.BAR0:
             if count == 4 and not offset & 3 and offset not in DYNAMIC_OFFSETS:
                 return self.registers.values.get(offset, 0).to_bytes(4, "little")  # hot path
@@ -234,6 +268,14 @@ class GpuInstance:
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         self._check_access(index, offset, len(data))
+        if trace.ENABLED:
+            value = int.from_bytes(data[:8], "little")
+            trace.emit(
+                self.name, "register", region=index, offset=offset, size=len(data), value=value,
+                write=True, dropped=self.faults.removed,
+            )  # fmt: skip
+        if self.faults.removed:
+            return  # the device fell off the bus: writes go nowhere
         if index == PciRegion.BAR0:
             with self._locked():
                 self.registers.write(offset, data)
@@ -262,6 +304,7 @@ class GpuInstance:
     def reset(self) -> None:
         """Device reset (DEVICE_RESET, FLR or the DEVICE_RESET register): stop the rings,
         destroy every resource (memory zeroed), restore the registers."""
+        self.faults.on_reset()  # an injected engine hang ends: the reset drops the command
         with (
             self._client_requests_cancelled(),
             self.engine.fenced(),
@@ -273,6 +316,7 @@ class GpuInstance:
                 self.resets += 1
             self._drop_resources(gone)  # the guest's next touch of any page faults
         log.info("%s: device reset (%d resources freed)", self.name, len(gone))
+        self._event("DEVICE_RESET", resets=self.resets, resources_freed=len(gone))
 
     def _drop_resources(self, gone: list[Resource]) -> None:
         """Unmap every page of the table and free removed resources (lock not held)."""
@@ -300,6 +344,8 @@ class GpuInstance:
         if self._closed:
             return
         self._closed = True
+        inject.unregister(self.faults)
+        self.faults.on_reset()  # release an injected hang: the engine must stop
         with self._client_requests_cancelled():
             stopped = self.engine.stop(STOP_TIMEOUT)
             stopped = self.bring_up.stop(STOP_TIMEOUT) and stopped
@@ -372,6 +418,8 @@ class GpuInstance:
         self.registers.set("ERROR_RING_OFFSET", ring_offset)
         self.registers.set("ERROR_COUNT", self.registers.get("ERROR_COUNT") + 1)
         self.interrupts.raise_cause(IntBit.ERROR)
+        data = {"code": ErrorCode(code).name, "context": context, "ring_offset": ring_offset}
+        self._defer(lambda: self._event("ENGINE_ERROR", **data))
 
     def _report_fault(self, offset: int, write: bool) -> None:
         """A denied aperture access under the report policy: latch it, interrupt."""
@@ -490,6 +538,8 @@ class GpuInstance:
             self.physical.unpin(pin.resource)  # frees it if destroyed meanwhile
 
     def guest_memory(self) -> DmaTable:
+        if self.faults.dma_armed and (why := self.faults.dma_should_fail()) is not None:
+            raise VfioUserError(errno.EIO, why)
         dma = self.dma
         if dma is None:
             raise VfioUserError(errno.EFAULT, "no client: guest memory is not mapped")
@@ -510,3 +560,70 @@ class GpuInstance:
             self.registers.set("DMA_ERROR", error)
             self.registers.set("DMA_STATUS", regs.DmaStatus.ERROR if error else regs.DmaStatus.DONE)
             self.interrupts.raise_cause(IntBit.DMA)
+
+    # ------------------------------------------------------------------ events, injection
+
+    def _event(self, name: str, **data: Any) -> None:
+        """Tell the control plane's listeners (never under the lock)."""
+        for listener in list(self.listeners):
+            try:
+                listener(name, {"instance": self.name, **data})
+            except Exception:
+                log.exception("%s: event listener failed on %s", self.name, name)
+
+    def _on_fault_record(self, record: FaultRecord) -> None:
+        """Every FaultLog record: tracing, the control events, and slow faults."""
+        event, kind = FAULT_EVENTS.get(record.kind, (None, "fault"))
+        if trace.ENABLED:
+            trace.emit(
+                self.name, kind, name=record.kind, seq=record.seq, offset=record.offset,
+                length=record.length, write=record.write, handle=record.handle,
+            )  # fmt: skip
+        if event is not None and self.listeners:
+            self._event(event, kind=record.kind, offset=record.offset, length=record.length)
+
+    def inject(self, fault: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Inject a fault (``inject.FAULTS``); its effective parameters.  ValueError for
+        bad parameters, DeviceError (INVALID_HANDLE, OUT_OF_BOUNDS) for a bad bit flip."""
+        params = dict(params or {})
+        if fault == "bit-flip":
+            checked = inject.check_params(fault, params)
+            checked["value"] = self.flip_bit(checked["handle"], checked["offset"], checked["bit"])
+        elif fault == "irq-spurious":
+            checked = inject.check_params(fault, params)
+            if checked["vector"] >= self.interrupts.vectors:
+                raise ValueError(f"vector must be 0..{self.interrupts.vectors - 1}")
+            self.interrupts.signal_now([checked["vector"]])
+        else:
+            checked = self.faults.arm(fault, params)
+        log.warning("%s: injected %s %s", self.name, fault, checked)
+        if trace.ENABLED:
+            trace.emit(self.name, "control", name=f"inject {fault}", **checked)
+        return checked
+
+    def flip_bit(self, handle: int, offset: int, bit: int) -> int:
+        """Flip one bit of resource ``handle``'s memory; the byte's new value.  The
+        resource is pinned meanwhile (a DESTROY frees it only afterwards)."""
+        pin = self.pin_resource(handle, offset, 1)  # DeviceError for a bad handle/offset
+        try:  # pinned and fenced: resident, the guest's copy written back and dropped
+            resource = pin.resource
+            with self.physical.lock:
+                byte = bytearray(resource.read(offset, 1))
+                value = inject.flip_bit(memoryview(byte), 0, bit)
+                resource.write(offset, bytes(byte))
+        finally:
+            self.unpin_resources([pin])
+        return value
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for `mgpu top` (rates are differences of two samples)."""
+        log_counters = dict(self.window.log.counters)
+        return {
+            "register_accesses": sum(self.region_access_count.values()),
+            "faults": sum(log_counters.get(k, 0) for k in SLOWED_KINDS),
+            "resident_bytes": self.resources.committed,
+            "ring_busy_seconds": round(self.engine.busy_seconds, 6),
+            "commands": self.engine.commands_executed,
+            "resets": self.resets,
+            "errors": self.registers.get("ERROR_COUNT"),
+        }

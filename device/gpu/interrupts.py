@@ -8,7 +8,9 @@ register reply must never wait behind it.
 
 from __future__ import annotations
 
+from device import trace
 from device.gpu import registers as regs
+from device.gpu.inject import Faults
 from device.gpu.modes import InterruptMode
 from device.gpu.register_file import RegisterFile
 from device.gpu.registers import IntBit
@@ -20,7 +22,15 @@ MSI_VECTORS = 4
 
 
 class Interrupts:
-    def __init__(self, registers: RegisterFile, mode: InterruptMode) -> None:
+    def __init__(
+        self,
+        registers: RegisterFile,
+        mode: InterruptMode,
+        name: str = "",
+        faults: Faults | None = None,
+    ) -> None:
+        self.name = name
+        self.faults = faults  # injected drops and delays (inject.py)
         self.registers = registers
         self.mode = mode
         self.index = PciIrq.MSIX if mode is InterruptMode.MSIX else PciIrq.MSI
@@ -45,6 +55,16 @@ class Interrupts:
 
     def signal(self, vectors: list[int]) -> None:
         """Signal vectors on the client's eventfds (lock not held; never blocks)."""
+        if self.faults is not None and self.faults.irq_armed and vectors:
+            if trace.ENABLED:
+                trace.emit(self.name, "irq", vectors=vectors, injected="drop or delay")
+            vectors = self.faults.filter_vectors(vectors, self.signal_now)
+        self.signal_now(vectors)
+
+    def signal_now(self, vectors: list[int]) -> None:
+        """``signal`` without injected faults (a delayed or a spurious interrupt)."""
+        if trace.ENABLED and vectors:
+            trace.emit(self.name, "irq", vectors=vectors)
         lines = self.lines
         if lines is None:
             return

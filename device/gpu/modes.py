@@ -26,7 +26,7 @@ class InterruptMode(_Choice):
 class MappingMode(_Choice):
     """How the guest reaches the BAR2 aperture (see ``device.gpu.aperture``)."""
 
-    STATIC = "static"  # QEMU maps the partition at realize; no touch is seen
+    STATIC = "static"  # QEMU maps the private memory at realize; no touch is seen
     FAULT = "fault"  # QEMU maps our FUSE file: each first touch is a fault callback
     TRAP = "trap"  # no mapping: every access is a REGION message
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from device.errors import DeviceError
+from device.gpu import inject
 from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
 from device.gpu.physical import PhysicalGpu
@@ -89,6 +90,8 @@ class ResourceCommands:
 
     def _create(self) -> None:
         size = self.registers.get64("RES_SIZE")
+        if inject.allocation_should_fail(self.name):
+            raise DeviceError(ErrorCode.NO_MEMORY, "injected allocation failure")
         rounded = self.resources.reserve(size)
         handle = self.resources.next_handle()
         self.registers.set("RES_HANDLE", handle)

@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_ready(server: subprocess.Popen[str], instances: int, server_log: Path) -> bool:
+    """Wait for the server's ``ready`` line per instance and its ``control`` line."""
+    assert server.stdout is not None
+    expected = ["ready "] * instances + ["control "]
+    for prefix in expected:
+        if not server.stdout.readline().startswith(prefix):
+            print(
+                f"run_qemu.sh: the GPU server did not start; its log:\n{server_log.read_text()}",
+                file=sys.stderr,
+            )
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.instances < 1:
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     sockets = [workdir / f"gpu{n}.sock" for n in range(args.instances)]
     server_log = workdir / "server.log"
     qmp_path = args.qmp or workdir / "qmp.sock"
+    control_path = workdir / "control.sock"
     serve = [
         sys.executable,
         "-m",
@@ -123,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         args.mapping.value,
         "--denied",
         args.denied.value,
+        "--control",
+        str(control_path),
     ]
     for path in sockets:
         serve += ["--socket", str(path)]
@@ -132,16 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             server = subprocess.Popen(
                 serve, stdout=subprocess.PIPE, stderr=log, text=True, stdin=subprocess.DEVNULL
             )
-        assert server.stdout is not None
-        for _ in sockets:
-            line = server.stdout.readline()
-            if not line.startswith("ready "):
-                print(
-                    f"run_qemu.sh: the GPU server did not start; its log:\n"
-                    f"{server_log.read_text()}",
-                    file=sys.stderr,
-                )
-                return 1
+        if not server_ready(server, len(sockets), server_log):
+            return 1
         command = qemu_command(
             runtime,
             memory_mb=args.memory,
@@ -161,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{runtime.qemu_version} under {accel.upper()}"
         )
         progress(f"mgpu: QMP socket {qmp_path}; server log {server_log}")
+        progress(
+            f"mgpu: GPU control socket {control_path} "
+            f"(MGPU_CONTROL={control_path} mgpu list; qmp-shell {control_path})"
+        )
         progress("mgpu: guest console follows (Ctrl-A X quits QEMU)")
         # QEMU owns the terminal now: a Ctrl-C is the guest's, not ours.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

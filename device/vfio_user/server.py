@@ -73,6 +73,8 @@ class Endpoint:
         self.connection: Connection | None = None
         self.session: Session | None = None
         self.clients_served = 0
+        # Told True when a client connects, False when it has gone (the control plane).
+        self.on_client: Callable[[bool], None] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=f"vfio-user-{name}", daemon=True)
@@ -100,6 +102,7 @@ class Endpoint:
                 self.session = Session(self.device, self._sender(connection))
                 self.session.protocol_thread = threading.get_ident()
             log.info("%s: client connected", self.name)
+            self._tell(True)
             try:
                 self._run_session(self.connection, self.session)
             finally:
@@ -110,6 +113,14 @@ class Endpoint:
                     self.connection = None
                 self.clients_served += 1
                 log.info("%s: client disconnected", self.name)
+                self._tell(False)
+
+    def _tell(self, connected: bool) -> None:
+        if self.on_client is not None:
+            try:
+                self.on_client(connected)
+            except Exception:
+                log.exception("%s: client listener failed", self.name)
 
     def _sender(self, connection: Connection) -> Callable[[bytes, tuple[int, ...]], None]:
         # Replies (socket thread) and DMA requests (device workers) share the socket.

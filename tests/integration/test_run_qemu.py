@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from guest_images import Runtime
 
@@ -58,8 +59,12 @@ def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime, kvm: bool) 
             assert accel == "TCG", "TCG is the default"
         workdir = Path(read_until(proc, r"server log (\S+)/server\.log", seen).group(1))
         qmp = read_until(proc, r"QMP socket (\S+);", seen).group(1)
+        control = read_until(proc, r"GPU control socket (\S+) ", seen).group(1)
         read_until(proc, r"mgpu guest ready", seen)
         assert Path(qmp).exists()
+        with QEMUMonitorProtocol(control) as client:
+            client.connect()
+            assert len(client.cmd("query-instances")) == 2  # type: ignore[arg-type]
         assert proc.stdin is not None
         proc.stdin.write(b"mgpu-probe find\n")
         proc.stdin.flush()

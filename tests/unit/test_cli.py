@@ -4,6 +4,7 @@ Every process started here is killed by PID in a fixture finalizer, whatever hap
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -249,3 +250,42 @@ def test_stale_socket_probe_does_not_hang_on_a_listener_that_never_accepts(workd
         assert time.monotonic() - started < 20
     finally:
         listener.close()
+
+
+def test_mdevctl_style_commands_over_the_control_socket(serve: Serve, workdir: Path) -> None:
+    control = workdir / "control.sock"
+    proc = serve("--control", str(control))
+    assert read_line(proc) == f"control {control}"
+    env = {**os.environ, "MGPU_CONTROL": str(control)}
+
+    def mgpu(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+        )
+        assert done.returncode == code, done.stderr
+        return done
+
+    types = json.loads(mgpu("types", "--json").stdout)
+    assert {t["name"]: t["available_instances"] for t in types}["mgpu-64"] == 16
+    assert mgpu("start", "--type", "mgpu-64", "--uuid", "u1").stdout.startswith("u1\n")
+    listed = mgpu("list").stdout.splitlines()
+    assert listed[0].split()[:3] == ["name", "type", "memory"] and listed[1].startswith("u1 ")
+    assert [i["name"] for i in json.loads(mgpu("list", "--json").stdout)] == ["u1"]
+    mgpu("inject", "u1", "ring-error", "--count", "2", "--code", "DMA_FAULT")
+    injected = json.loads(mgpu("list", "--json").stdout)[0]["injected"]
+    assert injected == {"ring-error": {"count": 2, "value": "DMA_FAULT"}}
+    assert "cleared ring-error" in mgpu("inject", "u1", "clear").stdout
+    faults = json.loads(mgpu("faults", "--json").stdout)
+    assert faults["records"] == [] and faults["counters"] == {"u1": {}}
+    mgpu("trace", "start", "--kind", "register")
+    mgpu("trace", "stop", "--perfetto", str(workdir / "t.json"))
+    assert "traceEvents" in json.loads((workdir / "t.json").read_text())
+    top = json.loads(mgpu("top", "--count", "1", "--interval", "0.1", "--json").stdout)
+    assert top[0]["name"] == "u1" and top[0]["regs/s"] == "0"
+    failed = mgpu("stop", "nope", code=1)
+    assert "DeviceNotFound: no instance named 'nope'" in failed.stderr
+    mgpu("stop", "u1")
+    assert json.loads(mgpu("list", "--json").stdout) == []
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not control.exists()
