@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every instance asked for)",
     )
     serve.add_argument(
+        "--overcommit",
+        type=float,
+        default=1.0,
+        metavar="RATIO",
+        help="let the instances' memory limits add up to RATIO times the pool (default 1: "
+        "no overcommit); idle resources are then evicted to host memory under pressure "
+        "and paged back in at their next touch",
+    )
+    serve.add_argument(
         "--interrupts",
         type=InterruptMode,
         choices=list(InterruptMode),
@@ -104,18 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--mapping",
         type=MappingMode,
         choices=list(MappingMode),
-        default=MappingMode.STATIC,
-        help="how the guest reaches the BAR2 aperture: static (mapped whole at "
-        "realize; default), fault (each page on first touch, checked against "
-        "the placed resources; needs root for the FUSE mount) or trap (every "
-        "access is a message)",
+        default=MappingMode.FAULT,
+        help="how the guest reaches the BAR2 aperture: fault (default: each page on "
+        "first touch, validated and translated through the instance's page table; needs "
+        "a FUSE mount, else trap is used with a message saying why), trap (every access "
+        "is a message) or static (the instance's memory mapped 1:1 at realize, no checks: "
+        "the fast baseline)",
     )
     serve.add_argument(
         "--denied",
         type=DeniedPolicy,
         choices=list(DeniedPolicy),
         default=DeniedPolicy.SIGBUS,
-        help="what a touch of an aperture page without a placed resource gets "
+        help="what a touch of an aperture page that maps no resource gets "
         "(fault and trap modes): sigbus (the VM dies, as on hardware; default), "
         "dummy (a zero page) or report (all ones, and the FAULT interrupt)",
     )
@@ -159,7 +169,7 @@ def make_physical(args: argparse.Namespace, count: int) -> tuple[PhysicalGpu, st
         itype = matches[0]
     memory = args.memory or max(DEFAULT_MEMORY, itype.memory * count)
     contexts = max(DEFAULT_CONTEXTS, itype.contexts * count)
-    return PhysicalGpu(memory, contexts, types), itype.name
+    return PhysicalGpu(memory, contexts, types, overcommit=args.overcommit), itype.name
 
 
 def create_instances(
@@ -168,10 +178,22 @@ def create_instances(
     """The instances of --socket; 0, or the exit code if one cannot be created."""
     for name, path in zip(names, args.socket, strict=True):
         try:
-            server.create_instance(
-                name, type_name, path, args.interrupts, args.mapping, args.denied
-            )
-        except (CapacityError, FuseUnavailable) as exc:
+            try:
+                server.create_instance(
+                    name, type_name, path, args.interrupts, args.mapping, args.denied
+                )
+            except FuseUnavailable as exc:
+                if args.mapping is not MappingMode.FAULT:
+                    raise
+                log.warning(
+                    "%s: fault mode is not available here (%s); serving it in trap mode "
+                    "(every aperture access a message) instead", name, exc,
+                )  # fmt: skip
+                args.mapping = MappingMode.TRAP
+                server.create_instance(
+                    name, type_name, path, args.interrupts, args.mapping, args.denied
+                )
+        except (CapacityError, FuseUnavailable, ValueError) as exc:
             log.error("cannot create %s: %s", name, exc)
             return 2
         except SocketPathError as exc:
