@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import short_tmp_dir
 
+pytest_plugins = ["pytester"]  # tests/integration/test_pytest_plugin.py
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin("mgpu"):
