@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         runtime = ensure_runtime(progress)
     except BuildError as exc:
-        print(f"guest runtime build failed: {exc}", file=sys.stderr)
+        what = "kbuild" if args.command == "kbuild" else "guest runtime build"
+        print(f"{what} failed: {exc}", file=sys.stderr)
         return 1
     # Runtime's own fields (paths as strings), plus where the cache is.
     summary = {
