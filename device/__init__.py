@@ -4,7 +4,8 @@ The layers, bottom up.  Imports only go down: a module imports from its own laye
 the ones below it, never above.
 
     harness/      guest harness: boot QEMU with instances attached (vm, launch =
-                  run_qemu.sh) and a reference Python driver (driver) for tests
+                  run_qemu.sh), the pytest plugin driver projects use
+                  (pytest_plugin) and a reference Python driver (driver) for tests
     control/      control plane: GpuServer (create and destroy instances at run time,
                   events, manager), the command table (commands: the single source
                   of truth of the control socket), the QMP control socket (qmp), the

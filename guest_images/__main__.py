@@ -1,4 +1,4 @@
-"""``python -m guest_images build`` / ``info --json``."""
+"""``python -m guest_images build`` / ``info --json`` / ``kbuild DIR [TARGET ...]``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from guest_images.build import BuildError, cache_dir, ensure_runtime
+from guest_images.kbuild import kbuild
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m guest_images", description="Build or show the cached guest runtime."
     )
@@ -19,15 +20,33 @@ def main() -> int:
     sub.add_parser("build", help="build what is missing (progress on stderr)")
     info = sub.add_parser("info", help="where the runtime is (builds it if needed)")
     info.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args()
+    kb = sub.add_parser(
+        "kbuild",
+        help="build an out-of-tree kernel module in DIR against the guest kernel's headers",
+        description="Run 'make -C <guest kernel headers> M=DIR TARGET...' inside the runtime "
+        "root (the guest kernel's headers and compiler, as for our own mgpu.ko). DIR needs a "
+        "Kbuild or Makefile (obj-m := name.o); the .ko files land in DIR and their paths are "
+        "printed. Load one in the guest with run_qemu.sh --share DIR: insmod /mnt/share/NAME.ko",
+    )
+    kb.add_argument("directory", type=Path, metavar="DIR", help="the module's source directory")
+    kb.add_argument(
+        "targets", nargs="*", default=["modules"], metavar="TARGET", help="make targets "
+        "(default: modules; e.g. clean)"
+    )  # fmt: skip
+    args = parser.parse_args(argv)
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     try:
+        if args.command == "kbuild":
+            for module in kbuild(args.directory, progress, args.targets):
+                print(module)
+            return 0
         runtime = ensure_runtime(progress)
     except BuildError as exc:
-        print(f"guest runtime build failed: {exc}", file=sys.stderr)
+        what = "kbuild" if args.command == "kbuild" else "guest runtime build"
+        print(f"{what} failed: {exc}", file=sys.stderr)
         return 1
     # Runtime's own fields (paths as strings), plus where the cache is.
     summary = {

@@ -59,6 +59,10 @@ INITRAMFS_RECIPE = "1"
 # Shipped for vfio-pci in the guest.  Debian's kernel lacks CONFIG_VFIO_NOIOMMU, so
 # without a vIOMMU these cannot give userspace MSI-X; driver/mgpu.c does that instead.
 GUEST_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass")
+# 9p over virtio (with 9pnet and netfs, their dependencies): /init mounts a host
+# directory shared with ``run_qemu.sh --share DIR`` at /mnt/share (SHARE_TAG).
+SHARE_MODULES = ("9pnet_virtio", "9p")
+SHARE_TAG = "mgpushare"
 MIN_QEMU = (10, 1)
 # (command or absolute file that must exist, Debian package providing it).  libc.a is
 # checked on its own: gcc does not pull in libc6-dev without recommends, and `gcc -static`
@@ -398,7 +402,7 @@ def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
         deps[path] = rest.split()
     by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
     wanted: list[str] = []
-    for name in GUEST_MODULES:
+    for name in (*GUEST_MODULES, *SHARE_MODULES):
         module = by_name.get(name)
         if module is None:
             continue  # built into this kernel
@@ -428,6 +432,7 @@ def _initramfs_key(root_key: str) -> str:
         root_key,
         INIT_SCRIPT.read_bytes(),
         *GUEST_MODULES,
+        *SHARE_MODULES,
     ]
     for source in sorted([*PROGRAMS.glob("*.[ch]"), *DRIVER.glob("*.[ch]")]):
         parts += [source.name, source.read_bytes()]

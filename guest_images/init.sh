@@ -2,7 +2,8 @@
 # /init of the mgpu guest.  By kernel command line:
 #   mgpu.test=NAME  run a named guest test, print MGPU-RESULT lines and
 #                   "MGPU-DONE rc=N", power off
-#   mgpu.agent=1    serve commands from the host on /dev/ttyS1 (see device/vm.py)
+#   mgpu.agent=1    serve commands from the host on /dev/ttyS1 (see device/harness/vm.py)
+#   mgpu.share=1    mount the host's shared directory (9p, tag mgpushare) at /mnt/share
 #   otherwise       an interactive shell on the console; power off when it exits
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -18,6 +19,16 @@ cmdline_arg() {
         case "$word" in "$1"=*) echo "${word#*=}"; return ;; esac
     done
 }
+
+# mgpu.share=1: the host directory of run_qemu.sh --share DIR (virtio-9p, mount tag
+# mgpushare) at /mnt/share.  modprobe fails harmlessly where 9p is built in.
+if [ "$(cmdline_arg mgpu.share)" = 1 ]; then
+    modprobe 9pnet_virtio 2>/dev/null
+    modprobe 9p 2>/dev/null
+    mkdir -p /mnt/share
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 mgpushare /mnt/share ||
+        echo "mgpu guest: cannot mount the shared directory (9p) at /mnt/share" >&2
+fi
 
 run_test() {
     case "$1" in

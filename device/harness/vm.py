@@ -26,8 +26,11 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from device.errors import MgpuError
 from guest_images import Runtime
+from guest_images.build import SHARE_TAG
+from guest_images.overlay import initrd_with_modules
 
 BOOT_TIMEOUT = 120.0
+GUEST_SHARE = "/mnt/share"  # where /init mounts the host directory of ``share``
 
 
 class GuestError(MgpuError):
@@ -54,8 +57,21 @@ def qemu_command(
     append: str = "",
     serial: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    share: Path | None = None,
+    gdb_port: int | None = None,
+    gdb_wait: bool = False,
 ) -> list[str]:
-    """QEMU's argv: q35, our kernel and initramfs, one root port per GPU plus spares."""
+    """QEMU's argv: q35, our kernel and initramfs, one root port per GPU plus spares.
+
+    ``kernel``/``initrd`` replace the runtime's; ``share`` is a host directory the
+    guest's /init mounts at /mnt/share (9p); ``gdb_port`` opens QEMU's gdbstub on
+    127.0.0.1 (``gdb_wait``: the CPUs wait for the debugger's first continue)."""
+    if share is not None:
+        append = f"mgpu.share=1 {append}"
+    if gdb_port is not None:
+        append = f"nokaslr {append}"  # so vmlinux symbols match the running kernel
     argv = [
         *runtime.qemu_argv,
         "-machine",
@@ -67,9 +83,9 @@ def qemu_command(
         "none",
         "-no-reboot",
         "-kernel",
-        str(runtime.kernel),
+        str(kernel or runtime.kernel),
         "-initrd",
-        str(runtime.initrd),
+        str(initrd or runtime.initrd),
         "-append",
         f"console=ttyS0 panic=-1 {append}".strip(),
     ]
@@ -85,6 +101,16 @@ def qemu_command(
         ]
     for spec in serial:
         argv += ["-serial", spec]
+    if share is not None:
+        # security_model=none: the guest sees the host's owners and modes as they are.
+        argv += [
+            "-fsdev",
+            f"local,id=share,path={share},security_model=none",
+            "-device",
+            f"virtio-9p-pci,fsdev=share,mount_tag={SHARE_TAG}",
+        ]
+    if gdb_port is not None:
+        argv += ["-gdb", f"tcp:127.0.0.1:{gdb_port}", *(["-S"] if gdb_wait else [])]
     ports = len(vfio_user_sockets) + spare_root_ports
     for n in range(ports):
         argv += ["-device", f"pcie-root-port,id=rp{n},chassis={n + 1},slot={n + 1},bus=pcie.0"]
@@ -107,6 +133,11 @@ class GuestVM:
         cmdline_extra: str = "",
         extra_args: Sequence[str] = (),
         boot_timeout: float = BOOT_TIMEOUT,
+        share: Path | None = None,
+        kernel: Path | None = None,
+        modules: Path | None = None,
+        gdb_port: int | None = None,
+        gdb_wait: bool = False,
     ) -> None:
         self.runtime = runtime
         self.workdir = Path(workdir)
@@ -118,6 +149,13 @@ class GuestVM:
         self.cmdline_extra = cmdline_extra
         self.extra_args = list(extra_args)
         self.boot_timeout = boot_timeout
+        self.share = Path(share).resolve() if share is not None else None
+        self.kernel = Path(kernel).resolve() if kernel is not None else None
+        self.modules = Path(modules).resolve() if modules is not None else None
+        self.gdb_port = gdb_port
+        self.gdb_wait = gdb_wait
+        # With ``modules``: our initramfs with them appended, written by start().
+        self.initrd = self.workdir / "initrd-with-modules.img" if modules is not None else None
         self.serial_log = self.workdir / "serial.log"
         self.qemu_log = self.workdir / "qemu.log"
         self.qmp_path = self.workdir / "qmp.sock"
@@ -153,6 +191,11 @@ class GuestVM:
             shared_ram=self.shared_ram,
             append=f"{'mgpu.agent=1 ' if self.agent else ''}{self.cmdline_extra}",
             serial=serial,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            share=self.share,
+            gdb_port=self.gdb_port,
+            gdb_wait=self.gdb_wait,
             extra_args=[
                 *agent_args,
                 "-chardev",
@@ -166,6 +209,11 @@ class GuestVM:
     def start(self) -> None:
         """Launch QEMU and wait until QMP is up and (with the agent) the guest is ready."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for path, what in ((self.kernel, "kernel"), (self.share, "shared directory")):
+            if path is not None and not path.exists():
+                raise GuestError(f"the {what} {path} does not exist")
+        if self.modules is not None and self.initrd is not None:
+            initrd_with_modules(self.runtime.initrd, self.modules, self.initrd)
         started = time.monotonic()
         self._qmp = QEMUMonitorProtocol(str(self.qmp_path), server=True)
         with open(self.qemu_log, "wb") as log:
@@ -289,6 +337,21 @@ class GuestVM:
         if status != 0:
             raise GuestError(f"guest command {command!r} exited {status}:\n{output}")
         return output
+
+    def dmesg(self, timeout: float = 30) -> str:
+        """The guest kernel's log (``dmesg``) through the agent."""
+        return self.check("dmesg", timeout)
+
+    def kernel_log(self) -> str:
+        """The kernel log: ``dmesg`` if the guest still answers, else the serial console
+        (which has the kernel's messages up to where the guest stopped)."""
+        if self._agent is not None and self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(GuestError, OSError):
+                return self.dmesg()
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except OSError:
+            return ""
 
     # ------------------------------------------------------------------ QMP
 

@@ -4,27 +4,22 @@ ring in guest memory, a copy and a SAXPY, and a fence whose interrupt it waits f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from device.gpu.modes import InterruptMode
-from device.harness.vm import GuestVM
-from guest_images import Runtime, parse_results
+from device.harness.pytest_plugin import CreateGuest
+from guest_images import parse_results
 from tests.integration.conftest import CreateInstance
 
 pytestmark = pytest.mark.qemu
 
 
 def test_guest_submits_through_the_ring_and_gets_the_fence_interrupt(
-    runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
+    instance: CreateInstance, mgpu_vm: CreateGuest, figures: dict[str, float]
 ) -> None:
     msix = instance("gpu0")
     msi = instance("gpu1", interrupts=InterruptMode.MSI)
-    with GuestVM(
-        runtime, short_tmp, vfio_user_sockets=[msix.endpoint.path, msi.endpoint.path]
-    ) as vm:
-        vm.start()
+    with mgpu_vm([msix, msi]) as vm:
         # QEMU's memory-backend-memfd seals guest RAM against shrinking: the server maps
         # it and DMAs directly (any other fd would be served by messages).
         for served in (msix, msi):

@@ -17,6 +17,7 @@ from qemu.qmp.util import get_or_create_event_loop
 from device.gpu import registers as regs
 from device.gpu.identity import DEVICE_ID, VENDOR_ID
 from device.gpu.modes import InterruptMode
+from device.harness.pytest_plugin import CreateGuest
 from device.harness.vm import GuestVM
 from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
@@ -47,16 +48,14 @@ def wait_for_gpu_count(vm: GuestVM, count: int, timeout: float = 60.0) -> float:
 
 
 def test_guest_sees_gpu_registers_aperture_and_hotplug(
-    runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
+    instance: CreateInstance, mgpu_vm: CreateGuest, figures: dict[str, float]
 ) -> None:
     # gpu0 has MSI-X (the default); gpu1 uses MSI, because QEMU 11.1.3 aborts when it
     # hot-unplugs a vfio-user device with MSI-X.
     gpu0 = instance("gpu0")
     gpu1 = instance("gpu1", interrupts=InterruptMode.MSI)
     device = gpu0.device
-    vm = GuestVM(runtime, short_tmp, vfio_user_sockets=[gpu0.endpoint.path, gpu1.endpoint.path])
-    with vm:
-        vm.start()
+    with mgpu_vm([gpu0, gpu1]) as vm:
         assert vm.boot_seconds is not None
         figures["boot_to_agent_s"] = round(vm.boot_seconds, 2)
 

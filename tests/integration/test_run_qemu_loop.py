@@ -1,0 +1,124 @@
+"""The edit-build-load loop through run_qemu.sh: kbuild a module on the host, load it
+in the guest through --share, --run one command (its output and status), the kernel
+log kept; a kernel and modules of one's own (--kernel, --modules) and the gdbstub."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from guest_images import Runtime
+from guest_images.kbuild import kbuild, kernel_release
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "examples" / "hello-driver" / "module"
+pytestmark = pytest.mark.qemu
+
+
+def saved_kernel_log(stderr: str) -> str:
+    match = re.search(r"guest kernel log saved to (\S+)", stderr)
+    assert match, stderr
+    return Path(match.group(1)).read_text()
+
+
+def test_kbuild_share_and_run(mgpu_runtime: Runtime, mgpu_tmp: Path) -> None:
+    share = mgpu_tmp / "share"
+    shutil.copytree(MODULE, share)
+    built = subprocess.run(
+        [sys.executable, "-m", "guest_images", "kbuild", str(share)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.split() == [str(share / "hello.ko")]
+
+    logs = mgpu_tmp / "logs"
+    command = (
+        "insmod /mnt/share/hello.ko && echo written-in-guest > /mnt/share/from-guest.txt && "
+        "cut -d' ' -f1 /proc/modules | grep hello; exit 3"
+    )
+    run = subprocess.run(
+        [str(ROOT / "run_qemu.sh"), "--instances", "2", "--memory", "512",
+         "--share", str(share), "--log-dir", str(logs), "--run", command],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr  # the guest command's own status
+    assert run.stdout == "hello\n"
+    assert (share / "from-guest.txt").read_text() == "written-in-guest\n"  # the share is rw
+    assert "hello: loaded, 2 mgpu GPU(s)" in saved_kernel_log(run.stderr)
+    assert (logs / "kernel.log").exists() and (logs / "server.log").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gdb_packet(conn: socket.socket, payload: str) -> str:
+    """Send one GDB remote protocol packet; the reply's payload (checksum verified)."""
+    checksum = sum(payload.encode()) % 256
+    conn.sendall(f"${payload}#{checksum:02x}".encode())
+    data = b""
+    while not re.search(rb"\$([^#]*)#([0-9a-f]{2})", data):
+        chunk = conn.recv(4096)
+        assert chunk, f"gdbstub closed the connection; got {data!r}"
+        data += chunk
+    match = re.search(rb"\$([^#]*)#([0-9a-f]{2})", data)
+    assert match is not None
+    assert sum(match.group(1)) % 256 == int(match.group(2), 16), data
+    conn.sendall(b"+")
+    return match.group(1).decode()
+
+
+def test_own_kernel_modules_and_gdbstub(mgpu_runtime: Runtime, mgpu_tmp: Path) -> None:
+    source = mgpu_tmp / "src"
+    shutil.copytree(MODULE, source)
+    (ko,) = kbuild(source, print)
+    release = kernel_release(print)
+    modules = mgpu_tmp / "mods"
+    (modules / "lib" / "modules" / release / "extra").mkdir(parents=True)
+    shutil.copy(ko, modules / "lib" / "modules" / release / "extra" / "hello.ko")
+    (modules / "lib" / "modules" / release / "modules.dep").write_text("extra/hello.ko:\n")
+    kernel = mgpu_tmp / "bzImage"  # "my own kernel": a copy, so the path is ours
+    shutil.copy(mgpu_runtime.kernel, kernel)
+    logs = mgpu_tmp / "logs"
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ROOT / "run_qemu.sh"), "--kernel", str(kernel), "--modules", str(modules),
+         "--gdb", str(port), "--gdb-wait", "--log-dir", str(logs),
+         "--run", "modprobe hello && cat /proc/cmdline"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # QEMU listens once the GPU server is up
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the gdbstub never listened"
+                time.sleep(0.1)
+        with conn:
+            stop = gdb_packet(conn, "?")  # why are we stopped? (-S: before the first insn)
+            assert re.fullmatch(r"[ST]05.*", stop), stop
+            assert gdb_packet(conn, "D") == "OK"  # detach: the CPUs run
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "nokaslr" in out.split(), out  # --gdb boots without KASLR
+    assert "hello: loaded, 1 mgpu GPU(s)" in saved_kernel_log(err)
+    qemu = (logs / "qemu-command.txt").read_text()
+    assert f"-kernel {kernel}" in qemu and "initrd-with-modules" in qemu
+    assert f"-gdb tcp:127.0.0.1:{port} -S" in qemu
