@@ -122,6 +122,11 @@ class Aperture:
     def _fault(self, offset: int, length: int, later: Reply) -> bytes | int | None:
         first, count = offset // PAGE_SIZE, -(-length // PAGE_SIZE)
         with self.lock:
+            # A READ means the kernel holds no valid copy of these pages (it locks them
+            # until we answer): forget what was served, so that no revocation waits on a
+            # page whose READ is parked behind that very revocation.
+            for page in range(first, first + count):
+                self.served[page] = None
             decision = self._validate(first, count)
             if isinstance(decision, list):
                 data = self._gather(decision)
