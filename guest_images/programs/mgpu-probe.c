@@ -351,6 +351,41 @@ static int cmd_res(const char *bdf, const char *what, uint64_t argument)
     return status ? 1 : 0;
 }
 
+static void wr64(struct bar *regs, uint64_t lo, uint64_t value)
+{
+    wr32(regs, lo, (uint32_t)value);
+    wr32(regs, lo + 4, (uint32_t)(value >> 32));
+}
+
+/* GPU MMU: map LENGTH bytes of HANDLE from RES_OFFSET at APERTURE_OFFSET ("any": the
+ * device chooses), or unmap LENGTH bytes of the aperture. */
+static int cmd_map(const char *bdf, uint32_t handle, const char *where, uint64_t res_offset,
+                   uint64_t length)
+{
+    struct bar regs = map_bar(bdf, 0);
+    int anywhere = !strcmp(where, "any");
+    wr32(&regs, MGPU_REG_RES_HANDLE, handle);
+    wr64(&regs, MGPU_REG_RES_APERTURE_LO, anywhere ? 0 : parse(where));
+    wr64(&regs, MGPU_REG_RES_RANGE_OFFSET_LO, res_offset);
+    wr64(&regs, MGPU_REG_RES_RANGE_LENGTH_LO, length);
+    wr32(&regs, MGPU_REG_RES_COMMAND, anywhere ? MGPU_RES_MAP_ANY : MGPU_RES_MAP);
+    uint32_t status = rd32(&regs, MGPU_REG_RES_STATUS);
+    printf("MGPU-RESULT status=%u\n", status);
+    printf("MGPU-RESULT offset=0x%x\n", rd32(&regs, MGPU_REG_RES_OFFSET_LO));
+    return status ? 1 : 0;
+}
+
+static int cmd_unmap(const char *bdf, uint64_t aperture_offset, uint64_t length)
+{
+    struct bar regs = map_bar(bdf, 0);
+    wr64(&regs, MGPU_REG_RES_APERTURE_LO, aperture_offset);
+    wr64(&regs, MGPU_REG_RES_RANGE_LENGTH_LO, length);
+    wr32(&regs, MGPU_REG_RES_COMMAND, MGPU_RES_UNMAP);
+    uint32_t status = rd32(&regs, MGPU_REG_RES_STATUS);
+    printf("MGPU-RESULT status=%u\n", status);
+    return status ? 1 : 0;
+}
+
 static void usage(void)
 {
     fprintf(stderr,
@@ -361,7 +396,9 @@ static void usage(void)
             "       mgpu-probe latency BDF BAR OFFSET COUNT\n"
             "       mgpu-probe fill|check BDF BAR OFFSET LENGTH SEED\n"
             "       mgpu-probe dma BDF to-aperture|from-aperture APERTURE_OFFSET LENGTH SEED\n"
-            "       mgpu-probe res BDF create SIZE | destroy|place|remove HANDLE\n");
+            "       mgpu-probe res BDF create SIZE | destroy|place|remove HANDLE\n"
+            "       mgpu-probe map BDF HANDLE APERTURE_OFFSET|any RES_OFFSET LENGTH\n"
+            "       mgpu-probe unmap BDF APERTURE_OFFSET LENGTH\n");
     exit(2);
 }
 
@@ -395,6 +432,10 @@ int main(int argc, char **argv)
                            (uint32_t)parse(argv[6]), !strcmp(cmd, "fill"));
     if (!strcmp(cmd, "res") && argc == 5)
         return cmd_res(argv[2], argv[3], parse(argv[4]));
+    if (!strcmp(cmd, "map") && argc == 7)
+        return cmd_map(argv[2], (uint32_t)parse(argv[3]), argv[4], parse(argv[5]), parse(argv[6]));
+    if (!strcmp(cmd, "unmap") && argc == 5)
+        return cmd_unmap(argv[2], parse(argv[3]), parse(argv[4]));
     if (!strcmp(cmd, "dma") && argc == 7)
         return cmd_dma(argv[2], argv[3], parse(argv[4]), parse(argv[5]), (uint32_t)parse(argv[6]));
     usage();
