@@ -321,6 +321,52 @@ static int cmd_dma(const char *bdf, const char *direction, uint64_t aperture_off
     return status == MGPU_DMA_STATUS_DONE && !bad ? 0 : 1;
 }
 
+/* The lost-write race: for ROUNDS rounds over PAGES aperture pages from OFFSET, the
+ * device (bring-up DMA) writes the right half of a page while this CPU keeps writing
+ * the left half of the same page until the DMA is done; then both halves must hold
+ * their round's values, on every page.  Bytes lost to a stale page written back
+ * show as mismatches. */
+static int cmd_race(const char *bdf, uint64_t offset, uint64_t pages, uint64_t rounds)
+{
+    struct bar regs = map_bar(bdf, 0), aperture = map_bar(bdf, 2);
+    uint64_t physical;
+    set_bus_master(bdf);
+    uint32_t *page = dma_page(&physical);
+    check_range(&aperture, offset, pages * 4096);
+    uint64_t bad = 0, guest_writes = 0;
+    double t0 = now_ns();
+    for (uint64_t round = 1; round <= rounds; round++) {
+        uint32_t device_word = 0xD0000000u | (uint32_t)round;
+        uint32_t guest_word = 0x60000000u | (uint32_t)round;
+        for (int i = 0; i < 512; i++)
+            page[i] = device_word;
+        for (uint64_t p = 0; p < pages; p++) {
+            uint64_t base = offset + p * 4096;
+            wr32(&regs, MGPU_REG_DMA_GUEST_ADDR_LO, (uint32_t)physical);
+            wr32(&regs, MGPU_REG_DMA_GUEST_ADDR_HI, (uint32_t)(physical >> 32));
+            wr32(&regs, MGPU_REG_DMA_APERTURE_OFFSET, (uint32_t)(base + 2048));
+            wr32(&regs, MGPU_REG_DMA_LENGTH, 2048);
+            wr32(&regs, MGPU_REG_DMA_CONTROL, MGPU_DMA_TO_APERTURE);
+            int i = 0;
+            do {  /* write the left half, over and over, while the device writes */
+                wr32(&aperture, base + 4 * (i++ % 512), guest_word);
+                guest_writes++;
+            } while (rd32(&regs, MGPU_REG_DMA_STATUS) == MGPU_DMA_STATUS_BUSY || i < 512);
+            if (rd32(&regs, MGPU_REG_DMA_STATUS) != MGPU_DMA_STATUS_DONE)
+                die("DMA failed: error %u", rd32(&regs, MGPU_REG_DMA_ERROR));
+        }
+        for (uint64_t p = 0; p < pages; p++)
+            for (int i = 0; i < 1024; i++)
+                bad += rd32(&aperture, offset + p * 4096 + 4 * i) != (i < 512 ? guest_word
+                                                                            : device_word);
+    }
+    printf("MGPU-RESULT rounds=%" PRIu64 "\n", rounds);
+    printf("MGPU-RESULT guest_writes=%" PRIu64 "\n", guest_writes);
+    printf("MGPU-RESULT mismatches=%" PRIu64 "\n", bad);
+    printf("MGPU-RESULT ns=%.0f\n", now_ns() - t0);
+    return bad ? 1 : 0;
+}
+
 /* Resource commands through the RES_* registers. */
 static int cmd_res(const char *bdf, const char *what, uint64_t argument)
 {
@@ -398,7 +444,8 @@ static void usage(void)
             "       mgpu-probe dma BDF to-aperture|from-aperture APERTURE_OFFSET LENGTH SEED\n"
             "       mgpu-probe res BDF create SIZE | destroy|place|remove HANDLE\n"
             "       mgpu-probe map BDF HANDLE APERTURE_OFFSET|any RES_OFFSET LENGTH\n"
-            "       mgpu-probe unmap BDF APERTURE_OFFSET LENGTH\n");
+            "       mgpu-probe unmap BDF APERTURE_OFFSET LENGTH\n"
+            "       mgpu-probe race BDF APERTURE_OFFSET PAGES ROUNDS\n");
     exit(2);
 }
 
@@ -434,6 +481,8 @@ int main(int argc, char **argv)
         return cmd_res(argv[2], argv[3], parse(argv[4]));
     if (!strcmp(cmd, "map") && argc == 7)
         return cmd_map(argv[2], (uint32_t)parse(argv[3]), argv[4], parse(argv[5]), parse(argv[6]));
+    if (!strcmp(cmd, "race") && argc == 6)
+        return cmd_race(argv[2], parse(argv[3]), parse(argv[4]), parse(argv[5]));
     if (!strcmp(cmd, "unmap") && argc == 5)
         return cmd_unmap(argv[2], parse(argv[3]), parse(argv[4]));
     if (!strcmp(cmd, "dma") && argc == 7)

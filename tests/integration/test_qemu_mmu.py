@@ -112,3 +112,30 @@ def test_two_vms_share_a_pool_smaller_than_their_quotas_and_lose_no_byte(
             kinds = {r.kind for r in one.device.window.log.records}
             assert {"evicted", "paged_in"} <= kinds
             assert vm1.quit() == 0 and vm2.quit() == 0
+
+
+@pytest.mark.parametrize(
+    ("mapping", "pages", "rounds"), [(MappingMode.FAULT, 8, 100), (MappingMode.TRAP, 2, 5)], ids=str
+)
+def test_device_writes_and_guest_writes_to_the_same_pages_lose_nothing(
+    runtime: Runtime,
+    instance: CreateInstance,
+    short_tmp: Path,
+    figures: dict[str, float],
+    mapping: MappingMode,
+    pages: int,
+    rounds: int,
+) -> None:
+    served = instance("gpu0", mapping=mapping, denied=DeniedPolicy.REPORT)
+    with GuestVM(runtime, short_tmp, vfio_user_sockets=[served.endpoint.path]) as vm:
+        vm.start()
+        bdf = bdf_of(vm, served.device, 0x4A)
+        handle = int(res(vm, bdf, "create", pages * 4096)["handle"])
+        at = map_at(vm, bdf, handle, "any", 0, pages * 4096)
+        result = parse_results(
+            vm.check(f"mgpu-probe race {bdf} {at:#x} {pages} {rounds}", timeout=300)
+        )
+        assert result["mismatches"] == "0", result
+        assert int(result["guest_writes"]) >= rounds * pages * 512
+        figures[f"race_{mapping}_ms_per_round"] = int(result["ns"]) / 1e6 / rounds
+        assert vm.quit() == 0
