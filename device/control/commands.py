@@ -15,7 +15,6 @@ nothing a client sends can end a worker thread.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -281,7 +280,7 @@ def _query_faults(control: Control, name: str | None = None, since: int = 0) -> 
     for served in chosen:
         log = served.device.window.log
         found = log.since(since)
-        records += [dataclasses.asdict(r) for r in found]
+        records += [r._asdict() for r in found]
         with log.lock:
             counters[log.instance] = dict(log.counters)
             last[log.instance] = log.records[-1].seq if log.records else 0

@@ -13,13 +13,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 RECORDS_KEPT = 4096
 
 
-@dataclass(frozen=True)
-class FaultRecord:
+class FaultRecord(NamedTuple):  # a NamedTuple: one is made per fault, on the hot path
     seq: int
     time: float  # time.monotonic()
     instance: str

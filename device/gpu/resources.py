@@ -74,6 +74,8 @@ class Resource:
 
     def device_page(self, page: int) -> int:
         """The backing page number of resource page ``page`` (resident)."""
+        if len(self.runs) == 1:
+            return self.runs[0].offset // PAGE_SIZE + page
         ((offset, _),) = self.spans(page * PAGE_SIZE, 1)
         return offset // PAGE_SIZE
 
@@ -82,6 +84,9 @@ class Resource:
         if self.saved is not None:
             return self.saved[offset : offset + length].tobytes()
         array = self.backing.array
+        if len(self.runs) == 1:  # the common case: one run, one slice
+            start = self.runs[0].offset + offset
+            return array[start : start + length].tobytes()
         return b"".join(array[o : o + n].tobytes() for o, n in self.spans(offset, length))
 
     def view(self, offset: int, length: int) -> npt.NDArray[np.uint8] | None:
