@@ -53,6 +53,7 @@ from device.gpu.device_memory import DeviceMemory
 from device.gpu.fault_log import FaultLog
 from device.gpu.modes import DeniedPolicy, MappingMode
 from device.gpu.physical import PhysicalGpu
+from device.gpu.registers import ErrorCode
 from device.gpu.resources import Resource
 from device.units import PAGE_SIZE
 
@@ -372,8 +373,10 @@ class Aperture:
         resource = entry.resource
         try:
             self.physical.pin(resource)  # pages it in if it was evicted
-        except DeviceError:  # destroyed meanwhile: as if unmapped
-            return self._unmapped(offset, length, data, device)
+        except DeviceError as exc:
+            if exc.code == ErrorCode.INVALID_HANDLE:  # destroyed meanwhile: as if unmapped
+                return self._unmapped(offset, length, data, device)
+            raise VfioUserError(errno.ENOMEM, f"aperture {offset:#x}: {exc}") from None
         try:
             self.fence_resource(resource)  # the guest's cached copies first (fault mode)
             try:

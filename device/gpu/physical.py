@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -228,6 +229,7 @@ class PhysicalGpu:
         return self._clock
 
     def _allocate_pool(self, size: int, exclude: Resource | None) -> list[Extent]:
+        deadline = time.monotonic() + PIN_WAIT
         while True:
             with self.lock:
                 try:
@@ -235,9 +237,15 @@ class PhysicalGpu:
                 except OutOfMemory as exc:
                     victim = self._pick_victim(exclude)
                     if victim is None:
-                        raise DeviceError(
-                            ErrorCode.NO_MEMORY, f"{exc}, and no idle resource to evict"
-                        ) from None
+                        # Resources in use now (pinned, moving) become idle soon: wait
+                        # for one, for a while, before giving up.
+                        busy = any(r is not exclude and not r.removed for r in self._resident)
+                        if not busy or time.monotonic() > deadline:
+                            raise DeviceError(
+                                ErrorCode.NO_MEMORY, f"{exc}, and no idle resource to evict"
+                            ) from None
+                        self.changed.wait(0.05)
+                        continue
                     victim.evicting = True
             self._evict(victim)
 
@@ -371,6 +379,8 @@ class PhysicalGpu:
     def unpin(self, resource: Resource) -> None:
         with self.lock:
             resource.pins -= 1
+            if not resource.pins:
+                self.changed.notify_all()  # an allocation may be waiting for an idle one
         self.release_if_unused(resource)
 
     def touch(self, resource: Resource) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -368,3 +369,39 @@ def test_a_resource_in_non_contiguous_pages_works_for_engine_and_guest(
     with pytest.raises(DeviceError) as exc:
         rig.device.resource_command(ResourceCommand.CREATE, RES_SIZE=8 * MiB)
     assert exc.value.code == ErrorCode.QUOTA_EXCEEDED
+
+
+def test_allocation_waits_for_a_busy_resource_to_evict_and_trapped_writes_lose_nothing(
+    short_tmp: Path,
+) -> None:
+    """Instance one writes its resource word by word (each access pins it for a moment)
+    while instance two allocates past the pool: the allocation waits for the resource
+    to be idle and evicts it (it once failed with NO_MEMORY, and a page-in that failed
+    so was served as an unmapped page), the writes that follow page it back in, and
+    every word of both ends where it was written."""
+    pool, size = 32 * 1024, 24 * 1024
+    itype = InstanceType("half", pool, 1, "the pool, as a limit")
+    pattern = [bytes([n]) * size for n in (0x51, 0x52)]
+    with GpuServer(PhysicalGpu(pool, 4, (itype,), overcommit=2.0)) as server:
+        one, two = (
+            server.create_instance(name, "half", short_tmp / f"{name}.sock",
+                                   mapping=MappingMode.TRAP).device
+            for name in ("one", "two")
+        )  # fmt: skip
+        handle = one.resource_command(ResourceCommand.CREATE, RES_SIZE=size)
+        at1 = one.resource_command(ResourceCommand.MAP_ANY, RES_HANDLE=handle)
+
+        def writer() -> None:
+            for i in range(0, size, 4):
+                one.region_write(PciRegion.BAR2, at1 + i, pattern[0][i : i + 4])
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        theirs = two.resource_command(ResourceCommand.CREATE, RES_SIZE=size)
+        at2 = two.resource_command(ResourceCommand.MAP_ANY, RES_HANDLE=theirs)
+        for i in range(0, size, 4):
+            two.region_write(PciRegion.BAR2, at2 + i, pattern[1][i : i + 4])
+        thread.join(60)
+        assert server.physical.evictions >= 1
+        assert one.read_aperture(at1, size) == pattern[0]
+        assert two.read_aperture(at2, size) == pattern[1]
