@@ -121,6 +121,29 @@ class MgpuDriver:
         self.write("RES_HANDLE", handle)
         self._resource_command(regs.ResourceCommand.REMOVE)
 
+    def _write64(self, name: str, value: int) -> None:
+        self.write(f"{name}_LO", value & 0xFFFFFFFF)
+        self.write(f"{name}_HI", value >> 32)
+
+    def map(
+        self, handle: int, aperture: int | None = None, offset: int = 0, length: int = 0
+    ) -> int:
+        """GPU MMU: map ``length`` bytes (0: to the end) of a resource from ``offset`` at
+        aperture offset ``aperture`` (None: the device chooses); returns the offset."""
+        self.write("RES_HANDLE", handle)
+        self._write64("RES_APERTURE", aperture or 0)
+        self._write64("RES_RANGE_OFFSET", offset)
+        self._write64("RES_RANGE_LENGTH", length)
+        command = regs.ResourceCommand.MAP_ANY if aperture is None else regs.ResourceCommand.MAP
+        self._resource_command(command)
+        return self.read("RES_OFFSET_LO") | self.read("RES_OFFSET_HI") << 32
+
+    def unmap(self, aperture: int, length: int) -> None:
+        """GPU MMU: unmap ``length`` bytes of the aperture at ``aperture``."""
+        self._write64("RES_APERTURE", aperture)
+        self._write64("RES_RANGE_LENGTH", length)
+        self._resource_command(regs.ResourceCommand.UNMAP)
+
     # ------------------------------------------------------------------ ring
 
     def setup_ring(self) -> None:

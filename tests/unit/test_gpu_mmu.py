@@ -113,21 +113,10 @@ class Rig:
         return handle
 
     def map(self, handle: int, at: int | None, offset: int = 0, length: int = 0) -> int:
-        self.driver.write("RES_HANDLE", handle)
-        for name, value in (("RES_APERTURE", at or 0), ("RES_RANGE_OFFSET", offset),
-                            ("RES_RANGE_LENGTH", length)):  # fmt: skip
-            self.driver.write(f"{name}_LO", value & 0xFFFFFFFF)
-            self.driver.write(f"{name}_HI", value >> 32)
-        command = ResourceCommand.MAP_ANY if at is None else ResourceCommand.MAP
-        self.driver._resource_command(command)
-        return self.driver.read("RES_OFFSET_LO") | self.driver.read("RES_OFFSET_HI") << 32
+        return self.driver.map(handle, at, offset, length)
 
     def unmap(self, at: int, length: int) -> None:
-        self.driver.write("RES_APERTURE_LO", at)
-        self.driver.write("RES_APERTURE_HI", 0)
-        self.driver.write("RES_RANGE_LENGTH_LO", length)
-        self.driver.write("RES_RANGE_LENGTH_HI", 0)
-        self.driver._resource_command(ResourceCommand.UNMAP)
+        self.driver.unmap(at, length)
 
     def resource_bytes(self, handle: int, length: int) -> bytes:
         """The resource as the engine sees it (READ_RESOURCE into driver RAM)."""
