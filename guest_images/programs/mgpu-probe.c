@@ -237,6 +237,7 @@ static int cmd_pattern(const char *bdf, int index, uint64_t offset, uint64_t len
     double elapsed = now_ns() - t0;
     printf("MGPU-RESULT bytes=%" PRIu64 "\n", length);
     printf("MGPU-RESULT ns_per_word=%.1f\n", words ? elapsed / words : 0.0);
+    printf("MGPU-RESULT elapsed_ns=%.0f\n", elapsed);
     if (!fill)
         printf("MGPU-RESULT mismatches=%" PRIu64 "\n", bad);
     return bad ? 1 : 0;

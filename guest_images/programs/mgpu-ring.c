@@ -3,7 +3,8 @@
  * the way a driver does, using the mgpu guest driver (/dev/mgpuN) for interrupts and
  * DMA memory and sysfs for the registers.
  *
- *   mgpu-ring [N]   use /dev/mgpuN (default 0)
+ *   mgpu-ring [N [TIMEOUT_MS]]   use /dev/mgpuN (default 0); wait at most TIMEOUT_MS
+ *                                for the fence interrupt (default 20000)
  *
  * It uploads a page and two float32 vectors, copies the page resource to resource,
  * runs SAXPY, reads both results back, fences, waits for the FENCE interrupt and
@@ -69,6 +70,7 @@ static double now_ns(void)
 int main(int argc, char **argv)
 {
     const char *index = argc > 1 ? argv[1] : "0";
+    uint32_t timeout_ms = argc > 2 ? (uint32_t)strtoul(argv[2], NULL, 0) : 20000;
     char path[PATH_MAX], link[PATH_MAX];
     struct mgpu_info info;
 
@@ -135,7 +137,7 @@ int main(int argc, char **argv)
     int ncommands = sizeof(commands) / sizeof(commands[0]);
     memcpy(buffer, commands, sizeof(commands));
 
-    struct mgpu_wait wait = { .vector = 0, .timeout_ms = 20000, .after = 0 };
+    struct mgpu_wait wait = { .vector = 0, .timeout_ms = timeout_ms, .after = 0 };
     /* The count before we start: wait for it to move. */
     struct mgpu_wait probe = { .vector = 0, .timeout_ms = 0, .after = UINT64_MAX };
     ioctl(dev, MGPU_WAIT, &probe);
