@@ -176,7 +176,7 @@ static uint32_t float_bits(float f)
 static void subtest_get_params(void)
 {
     struct drm_mgpu_get_param p = { .param = 0x1000 };
-    CHECK(param(MGPU_PARAM_DEVICE_VERSION) >> 16 >= 1);
+    CHECK(param(MGPU_PARAM_DEVICE_VERSION) != 0);
     CHECK(param(MGPU_PARAM_APERTURE_SIZE) >= 64ull << 20);
     CHECK(param(MGPU_PARAM_MEM_QUOTA) >= param(MGPU_PARAM_MEM_FREE));
     CHECK(param(MGPU_PARAM_CONTEXTS) >= 1);
