@@ -417,6 +417,25 @@ def _modinfo_depends(module: bytes) -> list[str]:
     return [name.decode() for name in match.group(1).split(b",") if name] if match else []
 
 
+def _dependency_paths(
+    names: list[str], deps: dict[str, list[str]], by_name: dict[str, str]
+) -> list[str]:
+    """The modules.dep right-hand side for a module needing ``names``: every module
+    they need, transitively, each after the ones that need it (modprobe loads the
+    list from its end)."""
+    load_order: list[str] = []  # dependencies before what needs them
+
+    def visit(path: str) -> None:
+        if path not in load_order:
+            for dep in reversed(deps[path]):
+                visit(dep)
+            load_order.append(path)
+
+    for name in names:
+        visit(by_name[name.replace("-", "_")])
+    return load_order[::-1]
+
+
 def _module_files(
     root: Path, kversion: str, ours: dict[str, bytes] | None = None
 ) -> dict[str, bytes]:
@@ -452,19 +471,9 @@ def _module_files(
             plain + ": " + " ".join(d[:-3] if d.endswith(".xz") else d for d in deps[path])
         )
     for name, data in ours.items():
-        load_order: list[str] = []  # dependencies before what needs them
-
-        def visit(path: str) -> None:
-            if path not in load_order:
-                for dep in reversed(deps[path]):
-                    visit(dep)
-                load_order.append(path)
-
-        for dep in _modinfo_depends(data):
-            visit(by_name[dep.replace("-", "_")])
-        plain = [d[:-3] if d.endswith(".xz") else d for d in reversed(load_order)]
         files[f"extra/{name}.ko"] = data
-        dep_lines.append(f"extra/{name}.ko: " + " ".join(plain))
+        needs = _dependency_paths(_modinfo_depends(data), deps, by_name)
+        dep_lines.append(f"extra/{name}.ko: " + " ".join(d.removesuffix(".xz") for d in needs))
     files["modules.dep"] = ("\n".join(dep_lines) + "\n").encode()
     return files
 

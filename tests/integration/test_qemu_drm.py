@@ -43,9 +43,7 @@ KERNEL_TROUBLE = re.compile(r"WARNING:|BUG:|Oops|KASAN|general protection|Call T
 def test_drm_driver_passes_its_igt_style_tests(
     runtime: Runtime, instance: CreateInstance, short_tmp: Path, figures: dict[str, float]
 ) -> None:
-    served = instance(
-        "gpu0", "mgpu-256", mapping=MappingMode.FAULT, denied=DeniedPolicy.REPORT
-    )
+    served = instance("gpu0", "mgpu-256", mapping=MappingMode.FAULT, denied=DeniedPolicy.REPORT)
     device = served.device
     with GuestVM(runtime, short_tmp, vfio_user_sockets=[served.endpoint.path]) as vm:
         vm.start()
