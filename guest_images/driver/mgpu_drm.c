@@ -789,8 +789,14 @@ static int mgpu_ioctl_submit(struct drm_device *drm, void *data, struct drm_file
 	wr(mgpu, MGPU_REG_CTX0_DOORBELL, 1);
 	if (list_is_singular(&mgpu->jobs))
 		mgpu_arm_timeout(mgpu);
-	mutex_unlock(&mgpu->lock);
+	/*
+	 * Unlock the reservations while job->bos is still ours: once mgpu->lock is
+	 * dropped the job may end at once (a FENCE or ERROR interrupt already waiting
+	 * for the lock) and mgpu_reap() empty its BO list, which would leave the
+	 * reservations locked for good and the next submit on them waiting forever.
+	 */
 	drm_gem_unlock_reservations(job->bos, job->nbos, &ctx);
+	mutex_unlock(&mgpu->lock);
 
 	if (out_sync) {
 		drm_syncobj_replace_fence(out_sync, &job->fence);

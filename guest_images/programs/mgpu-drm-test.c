@@ -55,6 +55,18 @@ static int failed_checks;
 /* An ioctl that must fail with a given errno. */
 #define CHECK_ERR(request, arg, err) CHECK(ioctl(fd, request, arg) == -1 && errno == (err))
 
+/* Progress in the kernel log (the serial console): where a stalled run stopped. */
+static int kmsg = -1;
+
+static void step(const char *where, const char *what)
+{
+    char line[160];
+    int n = snprintf(line, sizeof(line), "<5>mgpu-drm-test: %s: %s\n", where, what);
+    if (kmsg >= 0 && n > 0)
+        (void)!write(kmsg, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+#define STEP(what) step(__func__, what)
+
 static double now_us(void)
 {
     struct timespec ts;
@@ -423,16 +435,23 @@ static void subtest_faulting_command(void)
     int sf = -1, sf2 = -1;
     CHECK(p != MAP_FAILED);
     struct drm_mgpu_command bad = cmd(MGPU_CMD_FILL, bo, 4096, 4096, 7, 0, 0, 0);
+    STEP("submitting the bad FILL");
     CHECK(submit(&bad, 1, MGPU_SUBMIT_OUT_SYNC_FILE, 0, sync, &sf) == 0);
+    STEP("waiting for its sync_file");
     int status = sync_file_status(sf, 10000);
+    STEP("its sync_file signalled");
     printf("MGPU-RESULT fault_fence_status=%d\n", status);
     CHECK(status == -EIO);
     CHECK(syncobj_wait(sync, 0) == 0); /* signalled, with an error */
     close(sf);
     struct drm_mgpu_command good = cmd(MGPU_CMD_FILL, bo, 0, 4096, 9, 0, 0, 0);
+    STEP("submitting the good FILL");
     CHECK(submit(&good, 1, MGPU_SUBMIT_OUT_SYNC_FILE, 0, 0, &sf2) == 0);
+    STEP("waiting for its sync_file");
     CHECK(sync_file_status(sf2, 10000) == 1);
+    STEP("reading the BO through the aperture");
     CHECK(p[0] == 9 && p[1023] == 9);
+    STEP("done");
     close(sf2);
     munmap(p, 4096);
     syncobj_destroy(sync);
@@ -461,6 +480,7 @@ static void subtest_hang_reset(void)
     CHECK(n > 0);
     old[n] = 0;
 
+    STEP("creating BOs");
     uint32_t a = bo_create(msize), b = bo_create(msize), c = bo_create(msize);
     uint32_t keep = bo_create(8192);
     uint32_t *pk = bo_map(keep, 8192);
@@ -475,10 +495,12 @@ static void subtest_hang_reset(void)
     snprintf(text, sizeof(text), "%d", HANG_TIMEOUT_MS);
     CHECK(write_file(TIMEOUT_PARAM, text) == 0);
     int sf = -1;
+    STEP("submitting the long job");
     double t0 = now_us();
     int ret = submit(work, HANG_MATMULS, MGPU_SUBMIT_OUT_SYNC_FILE, 0, 0, &sf);
     int status = ret ? ret : sync_file_status(sf, 30000);
     double waited = now_us() - t0;
+    STEP("the long job ended");
     write_file(TIMEOUT_PARAM, old);
     printf("MGPU-RESULT hang_fence_status=%d\n", status);
     printf("MGPU-RESULT hang_to_reset_ms=%.0f\n", waited / 1000);
@@ -597,6 +619,7 @@ int main(int argc, char **argv)
             puts(subtests[i].name);
         return 0;
     }
+    kmsg = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
     fd = open_render_node();
     if (fd < 0) {
         fprintf(stderr, "mgpu-drm-test: no mgpu render node in /dev/dri\n");
@@ -610,7 +633,9 @@ int main(int argc, char **argv)
             continue;
         int before = failed_checks;
         double t0 = now_us();
+        step(subtests[i].name, "start");
         subtests[i].run();
+        step(subtests[i].name, failed_checks == before ? "pass" : "FAIL");
         int ok = failed_checks == before;
         char key[64];
         snprintf(key, sizeof(key), "%s", subtests[i].name);

@@ -52,6 +52,9 @@ def test_drm_driver_passes_its_igt_style_tests(
         resets_at_probe = device.resets  # the driver resets the device when it binds
         assert resets_at_probe >= 1
 
+        # The test program marks its progress in the kernel log (the serial console, where
+        # a stalled run shows how far it got): no rate limit on its /dev/kmsg lines.
+        vm.check("echo on > /proc/sys/kernel/printk_devkmsg")
         status, output = vm.run("mgpu-drm-test", timeout=120)
         result = parse_results(output)
         assert status == 0, output
