@@ -9,9 +9,11 @@ serialised by a lock file (a second build waits, then finds the first one's work
    on the host through the root's own dynamic loader.  The mirror comes from the
    host's apt configuration.  Skipped for QEMU when the host's own QEMU is new enough.
 2. ``initramfs-<key>.cpio.gz``: busybox, ``/init`` (init.sh), our guest programs built
-   statically with the host's gcc, our guest driver (driver/mgpu.c) built inside the
-   root against its kernel headers with its compiler, and the vfio modules
-   (decompressed), with a modules.dep, written as a newc cpio by Python.
+   statically with the host's gcc (the guest kernel's DRM uAPI headers on their include
+   path), our guest drivers (driver/mgpu.c, the raw helper, and driver/mgpu_drm.c, the
+   DRM driver) built inside the root against its kernel headers with its compiler, and
+   the vfio modules and the modules our drivers depend on (decompressed), with a
+   modules.dep, written as a newc cpio by Python.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ ROOT_PACKAGES = (
     "kmod",
 )
 ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
-INITRAMFS_RECIPE = "1"
+INITRAMFS_RECIPE = "2"  # 2: mgpu_drm.ko, its dependencies, DRM uAPI headers
 # Shipped for vfio-pci in the guest.  Debian's kernel lacks CONFIG_VFIO_NOIOMMU, so
 # without a vIOMMU these cannot give userspace MSI-X; driver/mgpu.c does that instead.
 GUEST_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass")
@@ -313,7 +315,22 @@ def _kernel(root: Path) -> tuple[Path, str]:
     return kernel, kernel.name.removeprefix("vmlinuz-")
 
 
-def _compile_programs(out_dir: Path, progress: Progress) -> list[Path]:
+# Our guest drivers, built from driver/NAME.c into NAME.ko.
+DRIVER_MODULES = ("mgpu", "mgpu_drm")
+
+
+def _uapi_flags(root: Path, kversion: str) -> list[str]:
+    """gcc flags giving programs the guest kernel's DRM uAPI (drm.h, which
+    driver/mgpu_drm.h includes), taken from its headers package: searched after the
+    host's own headers, with ``__user`` removed as headers_install would."""
+    common = kversion.rsplit("-", 1)[0] + "-common"
+    uapi = root / "usr" / "src" / f"linux-headers-{common}" / "include" / "uapi"
+    if not (uapi / "drm" / "drm.h").exists():
+        raise BuildError(f"no DRM uAPI headers in {uapi}; delete {root} to rebuild")
+    return ["-D__user=", "-idirafter", str(uapi / "drm"), "-idirafter", str(uapi)]
+
+
+def _compile_programs(out_dir: Path, progress: Progress, uapi_flags: list[str]) -> list[Path]:
     _ensure_host_tools(progress)
     binaries = []
     for source in sorted(PROGRAMS.glob("*.c")):
@@ -326,6 +343,7 @@ def _compile_programs(out_dir: Path, progress: Progress) -> list[Path]:
                 "-Wall",
                 "-Wextra",
                 "-Werror",
+                *uapi_flags,
                 "-o",
                 str(binary),
                 str(source),
@@ -367,16 +385,20 @@ class _Cpio:
         return self.out.getvalue()
 
 
-def _build_driver(root: Path, kversion: str, progress: Progress) -> bytes:
-    """driver/mgpu.c built in the root (its kernel headers, its gcc); returns mgpu.ko."""
+def _build_driver(root: Path, kversion: str, progress: Progress) -> dict[str, bytes]:
+    """driver/*.c built in the root (its kernel headers, its gcc): NAME.ko by NAME."""
     if os.geteuid() != 0:
         raise BuildError("building the guest driver needs root (chroot into the runtime root)")
     build = Path(tempfile.mkdtemp(prefix="mgpu-driver-", dir=root / "tmp"))
     try:
-        for source in DRIVER.iterdir():
+        for source in [*DRIVER.iterdir(), PROGRAMS / "mgpu_regs.h"]:
             if source.suffix in (".c", ".h"):
                 shutil.copy(source, build / source.name)
-        (build / "Kbuild").write_text("obj-m := mgpu.o\n")
+        (build / "Kbuild").write_text(
+            "obj-m := " + " ".join(f"{name}.o" for name in DRIVER_MODULES) + "\n"
+            # mgpu_drm.h includes "drm.h", as the kernel's own uAPI headers do.
+            "ccflags-y := -I$(srctree)/include/uapi/drm\n"
+        )
         inside = f"/tmp/{build.name}"
         # objtool reads /proc: mount one in a private mount namespace, gone on exit.
         script = (
@@ -385,16 +407,45 @@ def _build_driver(root: Path, kversion: str, progress: Progress) -> bytes:
         )
         _run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            "building the guest driver mgpu.ko",
+            "building the guest drivers",
             progress,
         )
-        return (build / "mgpu.ko").read_bytes()
+        return {name: (build / f"{name}.ko").read_bytes() for name in DRIVER_MODULES}
     finally:
         shutil.rmtree(build, ignore_errors=True)
 
 
-def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
-    """The guest modules we ship (decompressed) and their dependencies, by path."""
+def _modinfo_depends(module: bytes) -> list[str]:
+    """The ``depends=`` names in a built module's .modinfo."""
+    match = re.search(rb"(?:^|\0)depends=([^\0]*)\0", module)
+    return [name.decode() for name in match.group(1).split(b",") if name] if match else []
+
+
+def _dependency_paths(
+    names: list[str], deps: dict[str, list[str]], by_name: dict[str, str]
+) -> list[str]:
+    """The modules.dep right-hand side for a module needing ``names``: every module
+    they need, transitively, each after the ones that need it (modprobe loads the
+    list from its end)."""
+    load_order: list[str] = []  # dependencies before what needs them
+
+    def visit(path: str) -> None:
+        if path not in load_order:
+            for dep in reversed(deps[path]):
+                visit(dep)
+            load_order.append(path)
+
+    for name in names:
+        visit(by_name[name.replace("-", "_")])
+    return load_order[::-1]
+
+
+def _module_files(
+    root: Path, kversion: str, ours: dict[str, bytes] | None = None
+) -> dict[str, bytes]:
+    """The guest modules we ship (decompressed), their dependencies and ours
+    (``extra/NAME.ko``, needing what their .modinfo names), by path."""
+    ours = ours or {}
     moddir = root / "lib" / "modules" / kversion
     deps: dict[str, list[str]] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
@@ -402,7 +453,8 @@ def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
         deps[path] = rest.split()
     by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
     wanted: list[str] = []
-    for name in (*GUEST_MODULES, *SHARE_MODULES):
+    needed_by_ours = [dep for data in ours.values() for dep in _modinfo_depends(data)]
+    for name in [*GUEST_MODULES, *SHARE_MODULES, *needed_by_ours]:
         module = by_name.get(name)
         if module is None:
             continue  # built into this kernel
@@ -422,6 +474,10 @@ def _module_files(root: Path, kversion: str) -> dict[str, bytes]:
         dep_lines.append(
             plain + ": " + " ".join(d[:-3] if d.endswith(".xz") else d for d in deps[path])
         )
+    for name, data in ours.items():
+        files[f"extra/{name}.ko"] = data
+        needs = _dependency_paths(_modinfo_depends(data), deps, by_name)
+        dep_lines.append(f"extra/{name}.ko: " + " ".join(d.removesuffix(".xz") for d in needs))
     files["modules.dep"] = ("\n".join(dep_lines) + "\n").encode()
     return files
 
@@ -478,12 +534,10 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
             archive.symlink(applet, "/bin/busybox")
     archive.file("init", INIT_SCRIPT.read_bytes())
     with tempfile.TemporaryDirectory(prefix="mgpu-programs-") as out:
-        for binary in _compile_programs(Path(out), progress):
+        for binary in _compile_programs(Path(out), progress, _uapi_flags(root, kversion)):
             archive.file(f"bin/{binary.name}", binary.read_bytes())
     directories = {f"lib/modules/{kversion}"}
-    modules = _module_files(root, kversion)
-    modules["extra/mgpu.ko"] = _build_driver(root, kversion, progress)
-    modules["modules.dep"] += b"extra/mgpu.ko:\n"
+    modules = _module_files(root, kversion, _build_driver(root, kversion, progress))
     for path, data in modules.items():
         full = f"lib/modules/{kversion}/{path}"
         parent = full.rsplit("/", 1)[0]
