@@ -10,8 +10,9 @@ the ones below it, never above.
                   events, manager), the command table (commands: the single source
                   of truth of the control socket), the QMP control socket (qmp), the
                   command line (cli) and its mdevctl-style client commands (ctl)
-    gpu/          the device model: one physical GPU (physical, allocator, types)
-                  shared by instances; an instance (instance) composes its parts:
+    gpu/          the device model: one physical GPU (physical: the shared pool,
+                  eviction and page-in; device_memory, allocator, types) shared by
+                  instances; an instance (instance) composes its parts:
                     identity          PCI IDs, BARs, capabilities, FLR
                     regions           the vfio-user regions and IRQ indexes
                     registers         the BAR0 register table (single source of truth)
@@ -21,13 +22,17 @@ the ones below it, never above.
                     commands          ring commands: layout, doc and handler in one
                     engine            runs ring commands on a thread, fenceable
                     bringup_dma       the DMA_* registers' copy engine
-                    resources         resource table, pins, deferred frees
-                    resource_commands the RES_* registers
-                    aperture_map      which device page backs an aperture page
+                    resources         resources: pages, residency, pins, lifetime
+                    resource_commands the RES_* registers: CREATE, DESTROY, the GPU MMU
+                    aperture_map      the GPU MMU page table: aperture page -> resource page
                     access_policy     what a denied aperture access gets
-                    aperture          the BAR2 window: mapping modes, faults, coherency
+                    aperture          the BAR2 window: validate_map_request at fault
+                                      time, parked faults, fences, coherency
+                    fault_log         what happened to aperture pages, as records
                     modes             InterruptMode, MappingMode, DeniedPolicy
                     inject            fault injection: the fault table and its state
+                    instance_api      observation, the Python API, injection (mixin)
+                    instance_hosts    what the workers call back (mixin)
     fuse/         the fault engine: a one-file FUSE filesystem whose reads are page
                   faults (protocol: the kernel protocol; server: mount, serve, revoke)
     pci/          PCI building blocks: config space (config) and one builder per
@@ -46,7 +51,8 @@ Which file to open:
     add or change a register            gpu/registers.py (the table); its behaviour is
                                         the handler of its ``on_write`` action
     change a denied-access policy       gpu/access_policy.py
-    change how an aperture page maps    gpu/aperture_map.py
+    change how an aperture page maps    gpu/aperture_map.py (the table) and
+                                        Aperture.fault in gpu/aperture.py (validation)
     support a new vfio-user message     vfio_user/protocol/messages.py (its layout) and
                                         vfio_user/session.py (its handler)
     a new PCI capability                pci/capabilities.py, then gpu/identity.py

@@ -39,13 +39,13 @@ from collections.abc import Callable, Iterator
 from device import trace
 from device.errors import VfioUserError
 from device.gpu import inject, regions
-from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
 from device.gpu.aperture_map import ApertureTable
 from device.gpu.bringup_dma import BringUpDma
 from device.gpu.engine import Engine
 from device.gpu.identity import PciFunction
 from device.gpu.instance_api import EventListener, InstanceApi
+from device.gpu.instance_hosts import WorkerHosts
 from device.gpu.interrupts import Interrupts
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.physical import PhysicalGpu
@@ -58,10 +58,10 @@ from device.gpu.registers import (
     WriteAction,
 )
 from device.gpu.resource_commands import ResourceCommands
-from device.gpu.resources import Pin, Resource, ResourceTable
-from device.gpu.rings import Job, Ring
+from device.gpu.resources import Resource, ResourceTable
+from device.gpu.rings import Ring
 from device.gpu.types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
-from device.units import PAGE_SIZE, MiB
+from device.units import MiB
 from device.vfio_user.dma import DmaTable
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol.constants import (
@@ -79,7 +79,7 @@ NO_CONTEXT = 0xFFFFFFFF
 STOP_TIMEOUT = 30.0
 
 
-class GpuInstance(InstanceApi):
+class GpuInstance(InstanceApi, WorkerHosts):
     """The device model behind one vfio-user socket.
 
     Made by ``PhysicalGpu``'s owner with ``physical`` and ``instance_type``; without
@@ -412,74 +412,3 @@ class GpuInstance(InstanceApi):
             self.registers.set("FAULT_COUNT", self.registers.get("FAULT_COUNT") + 1)
             self.registers.set("FAULT_FLAGS", 1 if write else 0)
             self.interrupts.raise_cause(IntBit.FAULT)
-
-    # ------------------------------------------------------------------ residency host
-
-    def fence_resource(self, resource: Resource) -> None:
-        self.window.fence_resource(resource)
-
-    def unfence_resource(self, resource: Resource) -> None:
-        self.window.unfence_resource(resource)
-
-    def resource_moved(self, resource: Resource, kind: str) -> None:
-        with self.window.lock:
-            pages = self.table.pages_of(resource)
-        offset = pages[0] * PAGE_SIZE if pages else -1
-        self.window.log.add(kind, offset, resource.page_count * PAGE_SIZE, handle=resource.handle)
-
-    def resource_freed(self, resource: Resource) -> None:
-        with self._locked():
-            self.resources.forget(resource)
-
-    # ------------------------------------------------------------------ the engine's host
-
-    def take_job(self, context: int) -> Job | None:
-        with self._locked():
-            return self.rings[context].take()
-
-    def finish_job(self, job: Job, error: ErrorCode | None, fence: int | None) -> None:
-        with self._locked():
-            ring = self.rings[job.context]
-            if error is not None:
-                ring.fail(job, error)
-                return
-            if fence is not None and ring.fence(job, fence):
-                self.interrupts.raise_cause(IntBit.FENCE)
-            ring.complete(job)
-
-    def pin_resource(self, handle: int, offset: int, length: int) -> Pin:
-        with self._locked():
-            resource = self.resources.get(handle)
-            self.resources.check_range(resource, offset, length)
-        self.physical.pin(resource)  # pages it back in if it was evicted
-        self.window.fence_resource(resource)  # the guest's copies of it written back
-        return Pin(resource, offset, length)
-
-    def unpin_resources(self, pins: list[Pin]) -> None:
-        for pin in pins:
-            self.window.unfence_resource(pin.resource)
-            self.physical.unpin(pin.resource)  # frees it if destroyed meanwhile
-
-    def guest_memory(self) -> DmaTable:
-        if self.faults.dma_armed and (why := self.faults.dma_should_fail()) is not None:
-            raise VfioUserError(errno.EIO, why)
-        dma = self.dma
-        if dma is None:
-            raise VfioUserError(errno.EFAULT, "no client: guest memory is not mapped")
-        return dma
-
-    # ------------------------------------------------------------------ bring-up DMA's host
-
-    def aperture_read(self, offset: int, length: int) -> bytes:
-        return self.window.read(offset, length, device=True)
-
-    def aperture_write(self, offset: int, data: bytes) -> None:
-        self.window.write(offset, data, device=True)
-
-    def bring_up_done(self, generation: int, error: int) -> None:
-        with self._locked():
-            if generation != self.bring_up.generation:
-                return  # reset meanwhile: the result is dropped
-            self.registers.set("DMA_ERROR", error)
-            self.registers.set("DMA_STATUS", regs.DmaStatus.ERROR if error else regs.DmaStatus.DONE)
-            self.interrupts.raise_cause(IntBit.DMA)
