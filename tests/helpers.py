@@ -9,6 +9,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from device.gpu import registers as regs
+from device.vfio_user.client import VfioUserClient
+from device.vfio_user.protocol.constants import PciRegion
+
 
 @contextmanager
 def short_tmp_dir(prefix: str = "mgpu-") -> Iterator[Path]:
@@ -38,3 +42,21 @@ def wait_until(
         if interval:
             time.sleep(interval)
     return time.monotonic() - start
+
+
+def dma_register(name: str) -> int:
+    return regs.BY_NAME[name].offset
+
+
+def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, length: int) -> int:
+    """One bring-up DMA copy; polling its status lets the client answer DMA messages."""
+    client.write32(PciRegion.BAR0, dma_register("DMA_GUEST_ADDR_LO"), guest & 0xFFFFFFFF)
+    client.write32(PciRegion.BAR0, dma_register("DMA_GUEST_ADDR_HI"), guest >> 32)
+    client.write32(PciRegion.BAR0, dma_register("DMA_APERTURE_OFFSET"), offset)
+    client.write32(PciRegion.BAR0, dma_register("DMA_LENGTH"), length)
+    client.write32(PciRegion.BAR0, dma_register("DMA_CONTROL"), command)
+    for _ in range(100_000):
+        status = client.read32(PciRegion.BAR0, dma_register("DMA_STATUS"))
+        if status != regs.DmaStatus.BUSY:
+            return status
+    raise AssertionError("DMA never completed")

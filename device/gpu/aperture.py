@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,8 +55,6 @@ from device.gpu.physical import PhysicalGpu
 from device.gpu.registers import ErrorCode
 from device.gpu.resources import Resource
 from device.units import PAGE_SIZE
-
-log = logging.getLogger(__name__)
 
 DUMMY = "dummy"  # ``served`` for a page answered by the denied-access policy
 Served = Entry | str | None
@@ -424,4 +421,4 @@ class Aperture:
             reply(errno.EIO)
 
 
-__all__ = ["DUMMY", "Aperture", "log"]
+__all__ = ["DUMMY", "Aperture"]

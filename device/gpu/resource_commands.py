@@ -23,7 +23,6 @@ from contextlib import AbstractContextManager
 
 from device.errors import DeviceError
 from device.gpu import inject
-from device.gpu import registers as regs
 from device.gpu.aperture import Aperture
 from device.gpu.physical import PhysicalGpu
 from device.gpu.register_file import RegisterFile
@@ -208,4 +207,4 @@ class ResourceCommands:
                 self.table.unmap(page, 1)
 
 
-__all__ = ["ResourceCommands", "regs"]
+__all__ = ["ResourceCommands"]

@@ -57,10 +57,6 @@ class Resource:
     def resident(self) -> bool:
         return self.saved is None
 
-    @property
-    def contiguous(self) -> bool:
-        return len(self.runs) == 1
-
     def spans(self, offset: int, length: int) -> list[tuple[int, int]]:
         """[offset, offset+length) of the resource as (backing offset, length) pieces."""
         pieces: list[tuple[int, int]] = []

@@ -23,8 +23,8 @@ from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.codec import FrameDecoder
 from device.vfio_user.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
 from device.vfio_user.server import Endpoint
+from tests.helpers import run_copy
 from tests.unit.conftest import ServeInstance
-from tests.unit.test_message_dma import run_copy
 
 SCRATCH = regs.BY_NAME["SCRATCH"].offset
 TRIGGER_BOOL = IrqSetFlags.DATA_BOOL | IrqSetFlags.ACTION_TRIGGER

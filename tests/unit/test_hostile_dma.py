@@ -34,6 +34,7 @@ from device.vfio_user.dma import MAX_DMA_MAPS_PER_SESSION, DmaTable
 from device.vfio_user.protocol.constants import PciRegion
 from device.vfio_user.protocol.messages import DmaMap, DmaUnmap
 from device.vfio_user.server import Endpoint
+from tests.helpers import run_copy
 from tests.unit.conftest import ServeInstance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,20 +44,6 @@ DONE, ERROR = int(regs.DmaStatus.DONE), int(regs.DmaStatus.ERROR)
 
 def reg(name: str) -> int:
     return regs.BY_NAME[name].offset
-
-
-def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, length: int) -> int:
-    """One bring-up DMA copy; polling its status lets the client answer DMA messages."""
-    client.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_LO"), guest & 0xFFFFFFFF)
-    client.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_HI"), guest >> 32)
-    client.write32(PciRegion.BAR0, reg("DMA_APERTURE_OFFSET"), offset)
-    client.write32(PciRegion.BAR0, reg("DMA_LENGTH"), length)
-    client.write32(PciRegion.BAR0, reg("DMA_CONTROL"), command)
-    for _ in range(100_000):
-        status = client.read32(PciRegion.BAR0, reg("DMA_STATUS"))
-        if status != regs.DmaStatus.BUSY:
-            return status
-    raise AssertionError("DMA never completed")
 
 
 def open_fds() -> int:

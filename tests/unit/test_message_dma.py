@@ -18,6 +18,7 @@ from device.gpu.instance import GpuInstance
 from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.protocol.constants import PciIrq, PciRegion
 from device.vfio_user.server import Endpoint
+from tests.helpers import run_copy
 
 GUEST_BASE = 0x10_0000
 GUEST_SIZE = 4 << 20
@@ -44,20 +45,6 @@ def served(short_tmp: Path) -> Iterator[Served]:
         endpoint.stop()
         device.close()
         workdir.rmdir()  # fails if stop() left the socket behind
-
-
-def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, length: int) -> int:
-    client.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_LO"), guest & 0xFFFFFFFF)
-    client.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_HI"), guest >> 32)
-    client.write32(PciRegion.BAR0, reg("DMA_APERTURE_OFFSET"), offset)
-    client.write32(PciRegion.BAR0, reg("DMA_LENGTH"), length)
-    client.write32(PciRegion.BAR0, reg("DMA_CONTROL"), command)
-    # Polling the status register is also what lets the client answer the DMA requests.
-    for _ in range(100_000):
-        status = client.read32(PciRegion.BAR0, reg("DMA_STATUS"))
-        if status != regs.DmaStatus.BUSY:
-            return status
-    raise AssertionError("DMA never completed")
 
 
 def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(served: Served) -> None:
