@@ -28,9 +28,9 @@ import numpy as np
 from bench.common import percentile, publish
 from device.control.cli import parse_size
 from device.control.manager import GpuServer
-from device.gpu.allocator import PageAllocator
-from device.gpu.commands import Opcode, encode
-from device.gpu.physical import PhysicalGpu
+from device.gpu.engine.commands import Opcode, encode
+from device.gpu.memory.allocator import PageAllocator
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.types import InstanceType
 from device.harness.driver import GuestRam, MgpuDriver
 from device.vfio_user.client import VfioUserClient

@@ -27,9 +27,9 @@ from pathlib import Path
 from bench.common import publish
 from device.control.manager import GpuServer
 from device.fuse import protocol as fp
+from device.gpu.abi import ResourceCommand
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.modes import MappingMode
-from device.gpu.physical import PhysicalGpu
-from device.gpu.registers import ResourceCommand
 from device.gpu.types import InstanceType
 
 ROOT = Path(__file__).resolve().parent.parent

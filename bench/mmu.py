@@ -27,10 +27,10 @@ import numpy as np
 from bench.common import percentile, publish
 from bench.fault import PAGE, child, finish
 from device.control.manager import GpuServer
-from device.gpu.commands import Opcode, encode
+from device.gpu.engine.commands import Opcode, encode
+from device.gpu.memory.physical import PhysicalGpu
+from device.gpu.memory.resources import Resource
 from device.gpu.modes import MappingMode
-from device.gpu.physical import PhysicalGpu
-from device.gpu.resources import Resource
 from device.gpu.types import InstanceType
 from device.harness.driver import MgpuDriver
 from device.vfio_user.client import VfioUserClient

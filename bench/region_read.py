@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import percentile, publish
-from device.gpu.instance import GpuInstance
+from device.gpu.instance.instance import GpuInstance
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.codec import Frame

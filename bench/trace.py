@@ -35,10 +35,10 @@ from typing import Any
 from bench.common import percentile, publish
 from device import trace
 from device.control.manager import GpuServer
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
-from device.gpu.physical import PhysicalGpu
-from device.gpu.register_file import DYNAMIC_OFFSETS
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.memory.physical import PhysicalGpu
+from device.gpu.regs import table as regs
+from device.gpu.regs.file import DYNAMIC_OFFSETS
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
 

@@ -10,29 +10,28 @@ the ones below it, never above.
                   events, manager), the command table (commands: the single source
                   of truth of the control socket), the QMP control socket (qmp), the
                   command line (cli) and its mdevctl-style client commands (ctl)
-    gpu/          the device model: one physical GPU (physical: the shared pool,
-                  eviction and page-in; device_memory, allocator, types) shared by
-                  instances; an instance (instance) composes its parts:
-                    identity          PCI IDs, BARs, capabilities, FLR
-                    regions           the vfio-user regions and IRQ indexes
-                    registers         the BAR0 register table (single source of truth)
-                    register_file     register values; writes dispatched to actions
-                    interrupts        INT_STATUS/INT_MASK and the vectors they raise
-                    rings             one command ring per context
-                    commands          ring commands: layout, doc and handler in one
-                    engine            runs ring commands on a thread, fenceable
-                    bringup_dma       the DMA_* registers' copy engine
-                    resources         resources: pages, residency, pins, lifetime
-                    resource_commands the RES_* registers: CREATE, DESTROY, the GPU MMU
-                    aperture_map      the GPU MMU page table: aperture page -> resource page
-                    access_policy     what a denied aperture access gets
-                    aperture          the BAR2 window: validate_map_request at fault
-                                      time, parked faults, fences, coherency
-                    fault_log         what happened to aperture pages, as records
-                    modes             InterruptMode, MappingMode, DeniedPolicy
+    gpu/          the device model, in sublayers (bottom up; tests/test_layers.py):
+                    abi               the numbers a guest driver hard-codes: error codes,
+                                      interrupt bits, resource commands, status values
+                    modes, types      InterruptMode, MappingMode, DeniedPolicy; the
+                                      instance types
                     inject            fault injection: the fault table and its state
-                    instance_api      observation, the Python API, injection (mixin)
-                    instance_hosts    what the workers call back (mixin)
+                    regs/             the BAR0 register table (single source of truth)
+                                      and the register file (values, write actions)
+                    memory/           one physical GPU's device memory (physical: the
+                                      shared pool, eviction and page-in; device_memory,
+                                      allocator), resources (pages, residency, pins) and
+                                      the GPU MMU page table (page_table)
+                    aperture/         the BAR2 window (window: validate_map_request at
+                                      fault time, parked faults, fences, coherency), the
+                                      denied-access policy and the fault log
+                    engine/           command rings, ring commands (commands: layout, doc
+                                      and handler in one), the engine that runs them
+                                      (executor) and the bring-up DMA
+                    instance/         one instance (instance) composes its parts: PCI
+                                      identity, regions, interrupts, the RES_* commands;
+                                      api (observation, injection) and hosts (what the
+                                      workers call back) are its mixins
     fuse/         the fault engine: a one-file FUSE filesystem whose reads are page
                   faults (protocol: the kernel protocol; server: mount, serve, revoke)
     pci/          PCI building blocks: config space (config) and one builder per
@@ -46,16 +45,16 @@ the ones below it, never above.
     errors, units the error tree (drawn in errors.py) and shared sizes
 
 Which file to open:
-    add a ring command                  gpu/commands.py (one decorated function), then
+    add a ring command                  gpu/engine/commands.py (one decorated function), then
                                         ``python -m device.docs``
-    add or change a register            gpu/registers.py (the table); its behaviour is
+    add or change a register            gpu/regs/table.py (the table); its behaviour is
                                         the handler of its ``on_write`` action
-    change a denied-access policy       gpu/access_policy.py
-    change how an aperture page maps    gpu/aperture_map.py (the table) and
-                                        Aperture.fault in gpu/aperture.py (validation)
+    change a denied-access policy       gpu/aperture/access_policy.py
+    change how an aperture page maps    gpu/memory/page_table.py (the table) and
+                                        Aperture.fault in gpu/aperture/window.py
     support a new vfio-user message     vfio_user/protocol/messages.py (its layout) and
                                         vfio_user/session.py (its handler)
-    a new PCI capability                pci/capabilities.py, then gpu/identity.py
+    a new PCI capability                pci/capabilities.py, then gpu/instance/identity.py
     create instances differently        control/manager.py
     add a control command or event      control/commands.py (one decorated function), then
                                         ``python -m device.docs``

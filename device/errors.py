@@ -84,7 +84,7 @@ class DeviceError(MgpuError):
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
-        self.code = code  # an ErrorCode of device.gpu.registers
+        self.code = code  # an ErrorCode of device.gpu.regs.table
 
 
 class CapacityError(MgpuError):

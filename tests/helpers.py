@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from device.gpu import registers as regs
+from device.gpu import abi
+from device.gpu.regs import table as regs
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
 
@@ -57,6 +58,6 @@ def run_copy(client: VfioUserClient, command: int, guest: int, offset: int, leng
     client.write32(PciRegion.BAR0, dma_register("DMA_CONTROL"), command)
     for _ in range(100_000):
         status = client.read32(PciRegion.BAR0, dma_register("DMA_STATUS"))
-        if status != regs.DmaStatus.BUSY:
+        if status != abi.DmaStatus.BUSY:
             return status
     raise AssertionError("DMA never completed")

@@ -23,6 +23,30 @@ LAYERS = [
 ]
 
 
+# Inside the device model, bottom up likewise: the ABI and the shared vocabulary, the
+# register table, device memory and the page table, the BAR2 window, the engines,
+# and the instance that composes them.
+GPU_LAYERS = [
+    ("abi", "modes", "types", "inject"),
+    ("regs",),
+    ("memory",),
+    ("aperture",),
+    ("engine",),
+    ("instance",),
+]
+
+
+def gpu_layer_of(module: str) -> int:
+    """The layer index of ``device.gpu.X...`` inside the device model; -1 elsewhere."""
+    parts = module.split(".")
+    if parts[:2] != ["device", "gpu"] or len(parts) < 3:
+        return -1
+    for index, names in enumerate(GPU_LAYERS):
+        if parts[2] in names:
+            return index
+    return -1
+
+
 def layer_of(module: str) -> int:
     """The layer index of ``device.X...`` (its first component after ``device``)."""
     part = module.split(".")[1] if "." in module else ""
@@ -60,3 +84,25 @@ def test_imports_only_go_down() -> None:
             if layer_of(name) > own:
                 upward.append(f"{relative} imports {name}")
     assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
+
+
+def test_gpu_modules_belong_to_a_sublayer() -> None:
+    for path in (ROOT / "gpu").rglob("*.py"):
+        relative = path.relative_to(ROOT / "gpu")
+        if relative.name == "__init__.py" and len(relative.parts) == 1:
+            continue
+        module = "device.gpu." + ".".join(relative.with_suffix("").parts)
+        assert gpu_layer_of(module) >= 0, f"gpu/{relative} is in no sublayer of GPU_LAYERS"
+
+
+def test_gpu_imports_only_go_down() -> None:
+    upward: list[str] = []
+    for path in (ROOT / "gpu").rglob("*.py"):
+        relative = path.relative_to(ROOT / "gpu")
+        if relative.name == "__init__.py" and len(relative.parts) == 1:
+            continue
+        own = gpu_layer_of("device.gpu." + ".".join(relative.with_suffix("").parts))
+        for name in imports_of(path):
+            if gpu_layer_of(name) > own:
+                upward.append(f"gpu/{relative} imports {name}")
+    assert not upward, "imports that go up a sublayer of the device model:\n" + "\n".join(upward)

@@ -17,8 +17,8 @@ from device.control.manager import GpuServer
 from device.control.qmp import ControlServer
 from device.errors import CapacityError
 from device.fuse.server import FuseUnavailable
+from device.gpu.memory.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
-from device.gpu.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
 from device.gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
 from device.vfio_user.server import SocketPathError
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from device.errors import CapacityError
-from device.gpu.instance import GpuInstance
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
-from device.gpu.physical import PhysicalGpu
 from device.vfio_user.server import Endpoint
 
 log = logging.getLogger(__name__)

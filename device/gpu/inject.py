@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device.errors import DeviceError
-from device.gpu.registers import ErrorCode
+from device.gpu.abi import ErrorCode
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class InterruptMode(_Choice):
 
 
 class MappingMode(_Choice):
-    """How the guest reaches the BAR2 aperture (see ``device.gpu.aperture``)."""
+    """How the guest reaches the BAR2 aperture (see ``device.gpu.aperture.window``)."""
 
     STATIC = "static"  # QEMU maps the private memory at realize; no touch is seen
     FAULT = "fault"  # QEMU maps our FUSE file: each first touch is a fault callback

@@ -13,8 +13,9 @@ import os
 import select
 import time
 
-from device.gpu import registers as regs
-from device.gpu.commands import COMMAND_SIZE, Opcode, encode
+from device.gpu import abi
+from device.gpu.engine.commands import COMMAND_SIZE, Opcode, encode
+from device.gpu.regs import table as regs
 from device.vfio_user.client import VfioUserClient, create_guest_ram
 from device.vfio_user.protocol.constants import PciIrq, PciRegion
 
@@ -23,7 +24,7 @@ class DriverError(Exception):
     """The device reported an error (``code`` is its ErrorCode)."""
 
     def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{message}: {regs.ErrorCode(code).name}")
+        super().__init__(f"{message}: {abi.ErrorCode(code).name}")
         self.code = code
 
 
@@ -67,12 +68,12 @@ class MgpuDriver:
         self.client = client
         self.ram = ram or GuestRam(client)
         self.context = context
-        if client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) != regs.ID_VALUE:
+        if client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) != abi.ID_VALUE:
             raise DriverError(0, "not an mgpu device")
         # One eventfd per vector we use: FENCE, ERROR, DMA, FAULT; MSI-X, or MSI if that is all.
         self.irq_index = PciIrq.MSIX if client.irq_info(PciIrq.MSIX).count else PciIrq.MSI
         self.vectors = tuple(
-            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(len(regs.INT_VECTORS))
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(len(abi.INT_VECTORS))
         )
         client.set_irq_eventfds(self.irq_index, self.vectors)
         self.interrupts_seen = [0] * len(self.vectors)  # per vector, counted by drain
@@ -96,7 +97,7 @@ class MgpuDriver:
 
     # ------------------------------------------------------------------ resources
 
-    def _resource_command(self, command: regs.ResourceCommand) -> None:
+    def _resource_command(self, command: abi.ResourceCommand) -> None:
         self.write("RES_COMMAND", command)
         status = self.read("RES_STATUS")
         if status:
@@ -105,21 +106,21 @@ class MgpuDriver:
     def create(self, size: int) -> int:
         self.write("RES_SIZE_LO", size & 0xFFFFFFFF)
         self.write("RES_SIZE_HI", size >> 32)
-        self._resource_command(regs.ResourceCommand.CREATE)
+        self._resource_command(abi.ResourceCommand.CREATE)
         return self.read("RES_HANDLE")
 
     def destroy(self, handle: int) -> None:
         self.write("RES_HANDLE", handle)
-        self._resource_command(regs.ResourceCommand.DESTROY)
+        self._resource_command(abi.ResourceCommand.DESTROY)
 
     def place(self, handle: int) -> int:
         self.write("RES_HANDLE", handle)
-        self._resource_command(regs.ResourceCommand.PLACE)
+        self._resource_command(abi.ResourceCommand.PLACE)
         return self.read("RES_OFFSET_LO") | self.read("RES_OFFSET_HI") << 32
 
     def remove(self, handle: int) -> None:
         self.write("RES_HANDLE", handle)
-        self._resource_command(regs.ResourceCommand.REMOVE)
+        self._resource_command(abi.ResourceCommand.REMOVE)
 
     def _write64(self, name: str, value: int) -> None:
         self.write(f"{name}_LO", value & 0xFFFFFFFF)
@@ -134,7 +135,7 @@ class MgpuDriver:
         self._write64("RES_APERTURE", aperture or 0)
         self._write64("RES_RANGE_OFFSET", offset)
         self._write64("RES_RANGE_LENGTH", length)
-        command = regs.ResourceCommand.MAP_ANY if aperture is None else regs.ResourceCommand.MAP
+        command = abi.ResourceCommand.MAP_ANY if aperture is None else abi.ResourceCommand.MAP
         self._resource_command(command)
         return self.read("RES_OFFSET_LO") | self.read("RES_OFFSET_HI") << 32
 
@@ -142,7 +143,7 @@ class MgpuDriver:
         """GPU MMU: unmap ``length`` bytes of the aperture at ``aperture``."""
         self._write64("RES_APERTURE", aperture)
         self._write64("RES_RANGE_LENGTH", length)
-        self._resource_command(regs.ResourceCommand.UNMAP)
+        self._resource_command(abi.ResourceCommand.UNMAP)
 
     # ------------------------------------------------------------------ ring
 
@@ -151,9 +152,9 @@ class MgpuDriver:
         self.write(self.ctx("RING_BASE_LO"), self.ring & 0xFFFFFFFF)
         self.write(self.ctx("RING_BASE_HI"), self.ring >> 32)
         self.write(self.ctx("RING_SIZE"), self.ring_size)
-        self.write(self.ctx("RING_CONTROL"), regs.RING_CONTROL_ENABLE)
+        self.write(self.ctx("RING_CONTROL"), abi.RING_CONTROL_ENABLE)
         self.tail = 0
-        if self.read(self.ctx("RING_STATUS")) != regs.RingStatus.IDLE:
+        if self.read(self.ctx("RING_STATUS")) != abi.RingStatus.IDLE:
             raise DriverError(self.read("ERROR_CODE"), "ring did not start")
 
     def submit(self, *commands: bytes) -> None:
@@ -179,9 +180,9 @@ class MgpuDriver:
         while True:
             done = int.from_bytes(self.ram.read(self.fence_slot, 8), "little")
             if done >= value:
-                self.write("INT_ACK", regs.IntBit.FENCE)
+                self.write("INT_ACK", abi.IntBit.FENCE)
                 return
-            if self.read(self.ctx("RING_STATUS")) == regs.RingStatus.ERROR:
+            if self.read(self.ctx("RING_STATUS")) == abi.RingStatus.ERROR:
                 raise DriverError(self.read("ERROR_CODE"), "command failed")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -198,9 +199,9 @@ class MgpuDriver:
                 self.interrupts_seen[vector] += os.eventfd_read(fd)
         return self.interrupts_seen
 
-    def wait_interrupt(self, cause: regs.IntBit, timeout: float = 10.0) -> bool:
+    def wait_interrupt(self, cause: abi.IntBit, timeout: float = 10.0) -> bool:
         """Wait until the vector of ``cause`` has fired at least once more."""
-        vector = regs.INT_VECTORS[cause]
+        vector = abi.INT_VECTORS[cause]
         seen = self.interrupts_seen[vector]
         deadline = time.monotonic() + timeout
         while self.drain_interrupts()[vector] == seen:

@@ -54,9 +54,9 @@ from typing import Any
 import pytest
 
 from device.control.manager import GpuServer, ServedInstance
-from device.gpu.fault_log import FaultLog, FaultRecord
-from device.gpu.instance import GpuInstance
-from device.gpu.physical import PhysicalGpu
+from device.gpu.aperture.fault_log import FaultLog, FaultRecord
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.memory.physical import PhysicalGpu
 from device.harness.vm import GUEST_SHARE, GuestVM
 from guest_images import Runtime, ensure_runtime
 from guest_images.kbuild import kbuild

@@ -20,7 +20,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from device.control.commands import Control
 from device.control.manager import GpuServer
 from device.control.qmp import ControlServer
-from device.gpu import registers as regs
+from device.gpu import abi
+from device.gpu.regs import table as regs
 from device.harness.vm import GuestVM
 from guest_images import Runtime, parse_results, pattern_bytes
 
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.qemu
 DEVICE_RESET = regs.BY_NAME["DEVICE_RESET"].offset
 ID = regs.BY_NAME["ID"].offset
 INT_STATUS = regs.BY_NAME["INT_STATUS"].offset
-DMA_VECTOR = regs.INT_VECTORS[regs.IntBit.DMA]
-FAULT_VECTOR = regs.INT_VECTORS[regs.IntBit.FAULT]  # nothing raises it here (sigbus policy)
+DMA_VECTOR = abi.INT_VECTORS[abi.IntBit.DMA]
+FAULT_VECTOR = abi.INT_VECTORS[abi.IntBit.FAULT]  # nothing raises it here (sigbus policy)
 SLOW = 1.5  # seconds: the injected slow fault
 LATE = 2.0  # seconds: the injected interrupt delay
 
@@ -84,7 +85,7 @@ def test_guest_driver_sees_injected_faults_and_recovers(
                 inject("surprise-removal")
                 assert probe(vm, "read", bdf, 0, f"{ID:#x}")["value"] == "0xffffffff"
                 client.cmd("inject-clear", name="dev0")
-                assert int(probe(vm, "read", bdf, 0, f"{ID:#x}")["value"], 16) == regs.ID_VALUE
+                assert int(probe(vm, "read", bdf, 0, f"{ID:#x}")["value"], 16) == abi.ID_VALUE
 
                 # Slow fault: the first touch of a placed page waits in the fault callback.
                 handle = int(probe(vm, "res", bdf, "create", 65536)["handle"])
@@ -107,14 +108,14 @@ def test_guest_driver_sees_injected_faults_and_recovers(
                 before = interrupts(vm)
                 inject("dma-error", count=1)
                 dma = probe(vm, "dma", bdf, "to-aperture", target, 4096, 7, ok=False)
-                assert dma["status"] == str(int(regs.DmaStatus.ERROR)), dma
+                assert dma["status"] == str(int(abi.DmaStatus.ERROR)), dma
                 assert dma["error"] == str(errno.EIO), dma
                 after_error = interrupts(vm)
                 assert after_error[DMA_VECTOR] == before[DMA_VECTOR] + 1
                 # Interrupt dropped: the next DMA completes, but its interrupt never comes.
                 inject("irq-drop", count=1)
                 dma = probe(vm, "dma", bdf, "to-aperture", target, 4096, 7)
-                assert dma["status"] == str(int(regs.DmaStatus.DONE)), dma
+                assert dma["status"] == str(int(abi.DmaStatus.DONE)), dma
                 after_drop = interrupts(vm)
                 assert after_drop[DMA_VECTOR] == after_error[DMA_VECTOR], (after_error, after_drop)
                 # Spurious interrupt: the FAULT vector fires with no operation, nothing pending.
@@ -123,12 +124,12 @@ def test_guest_driver_sees_injected_faults_and_recovers(
                 assert after_spurious[FAULT_VECTOR] == after_drop[FAULT_VECTOR] + 1
                 assert after_spurious[DMA_VECTOR] == after_drop[DMA_VECTOR]
                 int_status = int(probe(vm, "read", bdf, 0, f"{INT_STATUS:#x}")["value"], 16)
-                assert not int_status & regs.IntBit.FAULT, hex(int_status)
+                assert not int_status & abi.IntBit.FAULT, hex(int_status)
 
                 # Allocation failure: CREATE reports NO_MEMORY in RES_STATUS.
                 inject("alloc-fail", count=1)
                 failed = probe(vm, "res", bdf, "create", 4096, ok=False)
-                assert failed["status"] == str(int(regs.ErrorCode.NO_MEMORY)), failed
+                assert failed["status"] == str(int(abi.ErrorCode.NO_MEMORY)), failed
 
                 # Interrupt delayed: the fence interrupt comes LATE seconds late.
                 inject("irq-delay", delay=LATE, count=1)
@@ -140,15 +141,15 @@ def test_guest_driver_sees_injected_faults_and_recovers(
                 inject("engine-hang")
                 status, output = vm.run("mgpu-ring 0 3000", timeout=120)
                 assert status != 0 and "no fence interrupt" in output, output
-                assert f"ring status {int(regs.RingStatus.BUSY)}" in output, output
+                assert f"ring status {int(abi.RingStatus.BUSY)}" in output, output
                 # The guest driver resets the device.
                 vm.check(f"mgpu-probe write {bdf} 0 {DEVICE_RESET:#x} 1")
                 # Ring error: the ring stops in ERROR with the injected ERROR_CODE.
                 inject("ring-error", count=1, code="ENGINE_FAULT")
                 status, output = vm.run("mgpu-ring 0 3000", timeout=120)
                 assert status != 0 and "no fence interrupt" in output, output
-                ring_error = int(regs.ErrorCode.ENGINE_FAULT)
-                assert f"ring status {int(regs.RingStatus.ERROR)}, error {ring_error})" in output
+                ring_error = int(abi.ErrorCode.ENGINE_FAULT)
+                assert f"ring status {int(abi.RingStatus.ERROR)}, error {ring_error})" in output
                 # Reset again, and the next submission works, its interrupt on time.
                 vm.check(f"mgpu-probe write {bdf} 0 {DEVICE_RESET:#x} 1")
                 result = parse_results(vm.check("mgpu-ring 0", timeout=120))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.instance.instance import GpuInstance
 from device.gpu.modes import DeniedPolicy, MappingMode
+from device.gpu.regs import table as regs
 from device.harness.vm import GuestError, GuestVM
 from device.vfio_user.protocol.constants import PciRegion
 from guest_images import Runtime, parse_results, pattern_bytes
@@ -88,7 +89,7 @@ def test_pages_follow_allocations_under_each_policy(
         assert read32(vm, r, 2, 0x30000) == 0xFFFFFFFF
         assert read32(vm, r, 0, regs.BY_NAME["FAULT_COUNT"].offset) >= 1
         assert read32(vm, r, 0, regs.BY_NAME["FAULT_OFFSET_LO"].offset) == 0x30000
-        assert read32(vm, r, 0, regs.BY_NAME["INT_STATUS"].offset) & regs.IntBit.FAULT
+        assert read32(vm, r, 0, regs.BY_NAME["INT_STATUS"].offset) & abi.IntBit.FAULT
         figures[f"{mapping}_faults_served"] = dummy.window.log.count("served")
         figures[f"{mapping}_revocations"] = dummy.window.log.count("revoked")
         assert vm.quit() == 0
@@ -118,7 +119,7 @@ def test_sigbus_policy_kills_the_vm_and_the_server_records_why(
     # The instance outlives the VM it crashed, and serves the next one.
     with GuestVM(runtime, short_tmp / "next", vfio_user_sockets=[served.endpoint.path]) as vm:
         vm.start()
-        assert read32(vm, bdf_of(vm, served.device, 0x77), 0, 0) == regs.ID_VALUE
+        assert read32(vm, bdf_of(vm, served.device, 0x77), 0, 0) == abi.ID_VALUE
         assert vm.quit() == 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp.util import get_or_create_event_loop
 
-from device.gpu import registers as regs
-from device.gpu.identity import DEVICE_ID, VENDOR_ID
+from device.gpu import abi
+from device.gpu.instance.identity import DEVICE_ID, VENDOR_ID
 from device.gpu.modes import InterruptMode
 from device.harness.pytest_plugin import CreateGuest
 from device.harness.vm import GuestVM
@@ -71,7 +71,7 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
         assert int(info["device"], 16) == DEVICE_ID
         assert int(info["class"], 16) == 0x030200
         assert int(info["config_size"]) == 4096
-        assert int(info["bar0_size"], 0) == regs.BAR0_SIZE
+        assert int(info["bar0_size"], 0) == abi.BAR0_SIZE
         assert int(info["bar2_size"], 0) == device.aperture_size
         assert int(info["bar2_flags"], 0) & 0x2000, "BAR2 is prefetchable"
         assert int(info["bar4_size"], 0) == 16 * 1024
@@ -80,7 +80,7 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
         # Trapped registers: each guest access is a REGION message to our server.
         reads_before = device.region_access_count.get(PciRegion.BAR0, 0)
         ident = parse_results(vm.check(f"mgpu-probe read {bdf} 0 0x0"))
-        assert int(ident["value"], 0) == regs.ID_VALUE
+        assert int(ident["value"], 0) == abi.ID_VALUE
         assert device.region_access_count[PciRegion.BAR0] > reads_before
         vm.check(f"mgpu-probe write {bdf} 0 0x8 0x5a5aa5a5")
         assert device.registers.get("SCRATCH") == 0x5A5AA5A5
@@ -118,7 +118,7 @@ def test_guest_sees_gpu_registers_aperture_and_hotplug(
         figures["hotplug_visible_in_guest_s"] = round(wait_for_gpu_count(vm, 2), 3)
         back = next(b for b in find_gpus(vm) if b != bdf)
         ident = parse_results(vm.check(f"mgpu-probe read {back} 0 0x0"))
-        assert int(ident["value"], 0) == regs.ID_VALUE
+        assert int(ident["value"], 0) == abi.ID_VALUE
         assert gpu1.device.resets > resets_before
         # gpu0 kept working all along.
         vm.check(f"mgpu-probe check {bdf} 2 {offset:#x} {length} {seed:#x}")
@@ -176,5 +176,5 @@ def test_qemu_killed_with_sigkill_leaves_nothing_behind_in_the_server(
         vm.start()
         bdf = find_gpus(vm)[0]
         ident = parse_results(vm.check(f"mgpu-probe read {bdf} 0 0x0"))
-        assert int(ident["value"], 0) == regs.ID_VALUE
+        assert int(ident["value"], 0) == abi.ID_VALUE
         assert vm.quit() == 0

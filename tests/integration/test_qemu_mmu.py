@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from device.control.manager import GpuServer
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.modes import DeniedPolicy, MappingMode
-from device.gpu.physical import PhysicalGpu
 from device.gpu.types import InstanceType
 from device.harness.vm import GuestVM
 from guest_images import Runtime, parse_results, pattern_bytes

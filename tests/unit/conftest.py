@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from device.gpu.instance import GpuInstance
+from device.gpu.instance.instance import GpuInstance
 from device.vfio_user.server import Endpoint
 from tests.helpers import short_tmp_dir
 

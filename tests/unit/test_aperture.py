@@ -24,11 +24,11 @@ import pytest
 
 from device.control.manager import GpuServer
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.commands import Opcode, encode
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.engine.commands import Opcode, encode
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.modes import DeniedPolicy, MappingMode
-from device.gpu.physical import PhysicalGpu
 from device.gpu.types import InstanceType
 from device.harness.driver import MgpuDriver
 from device.vfio_user.client import VfioUserClient
@@ -149,14 +149,14 @@ def test_report_policy_reads_ones_latches_and_interrupts(
     make_guest: Callable[..., tuple[Guest, GpuInstance]],
 ) -> None:
     guest, _ = make_guest("report")
-    vector = regs.INT_VECTORS[regs.IntBit.FAULT]
+    vector = abi.INT_VECTORS[abi.IntBit.FAULT]
     before = guest.driver.drain_interrupts()[vector]
     assert guest.touch(3 * PAGE + 12, 4) == b"\xff" * 4
     assert guest.driver.read("FAULT_COUNT") == 1
     assert guest.driver.read("FAULT_OFFSET_LO") == 3 * PAGE, "the faulting page"
-    assert guest.driver.read("INT_STATUS") & regs.IntBit.FAULT
+    assert guest.driver.read("INT_STATUS") & abi.IntBit.FAULT
     assert (
-        guest.driver.wait_interrupt(regs.IntBit.FAULT)
+        guest.driver.wait_interrupt(abi.IntBit.FAULT)
         or guest.driver.interrupts_seen[vector] > before
     )
 

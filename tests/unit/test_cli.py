@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from device.gpu import registers as regs
+from device.gpu import abi
+from device.gpu.regs import table as regs
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.constants import Command
@@ -94,7 +95,7 @@ def test_serve_answers_then_exits_0_on_a_signal_and_removes_its_socket(
         assert (version.major, version.minor) == (0, 0)
         info = client.device_info()
         assert (info.flags, info.num_regions, info.num_irqs) == (3, 9, 5)
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
     proc.send_signal(stop)
     assert proc.wait(10) == 0
     assert not path.exists(), "the socket file is removed"
@@ -107,7 +108,7 @@ def test_sigterm_with_a_client_still_connected_exits_0(workdir: Path, serve: Ser
     proc = serve("--socket", str(path))
     assert read_line(proc) == f"ready {path}"
     with VfioUserClient.connect(path) as client:
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         client.connection.sock.settimeout(5)
@@ -176,7 +177,7 @@ def test_a_socket_in_use_is_refused(workdir: Path, serve: Serve) -> None:
     assert second.returncode != 0 and "in use" in second.stderr
     assert "Traceback" not in second.stderr
     with VfioUserClient.connect(path) as client:  # the first server is untouched
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
     assert first.poll() is None
 
 
@@ -190,7 +191,7 @@ def test_a_stale_socket_is_replaced(workdir: Path, serve: Serve) -> None:
     third = serve("--socket", str(path))
     assert read_line(third) == f"ready {path}"
     with VfioUserClient.connect(path) as client:
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
 
 
 def test_a_stale_socket_left_by_a_closed_listener_is_replaced(workdir: Path, serve: Serve) -> None:

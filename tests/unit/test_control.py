@@ -20,10 +20,9 @@ from device import trace
 from device.control.commands import COMMANDS, Control
 from device.control.manager import GpuServer, ServedInstance
 from device.control.qmp import ControlServer, JsonSplitter
-from device.gpu import inject
-from device.gpu import registers as regs
-from device.gpu.commands import Opcode, encode
-from device.gpu.physical import PhysicalGpu
+from device.gpu import abi, inject
+from device.gpu.engine.commands import Opcode, encode
+from device.gpu.memory.physical import PhysicalGpu
 from device.harness.driver import DriverError, MgpuDriver
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
@@ -305,7 +304,7 @@ def test_engine_hang_until_reset_then_the_driver_recovers(
     call(client, "inject-fault", name="g0", fault="engine-hang")
     with pytest.raises(TimeoutError):
         driver.run(timeout=0.3)
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.BUSY
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.BUSY
     call(client, "instance-reset", name="g0")
     event = client.pull_event(wait=5.0)
     while event is not None and event["event"] != "DEVICE_RESET":
@@ -323,7 +322,7 @@ def test_engine_hang_cleared_lets_the_command_finish(
     call(client, "inject-fault", name="g0", fault="engine-hang")
     driver.submit(driver.fence())
     time.sleep(0.2)
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.BUSY
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.BUSY
     assert call(client, "inject-clear", name="g0") == {"cleared": []}  # already taken
     driver.wait_fence(driver.fence_value, timeout=5)
 
@@ -336,7 +335,7 @@ def test_ring_error_and_dma_error_fail_the_next_commands(
     call(client, "inject-fault", name="g0", fault="ring-error", code="INVALID_COMMAND")
     with pytest.raises(DriverError) as failed:
         driver.run()
-    assert failed.value.code == regs.ErrorCode.INVALID_COMMAND
+    assert failed.value.code == abi.ErrorCode.INVALID_COMMAND
     event = client.pull_event(wait=5.0)
     while event is not None and event["event"] != "ENGINE_ERROR":
         event = client.pull_event(wait=5.0)
@@ -347,7 +346,7 @@ def test_ring_error_and_dma_error_fail_the_next_commands(
     call(client, "inject-fault", name="g0", fault="dma-error", count=1)
     with pytest.raises(DriverError) as failed:
         driver.run(upload)
-    assert failed.value.code == regs.ErrorCode.DMA_FAULT
+    assert failed.value.code == abi.ErrorCode.DMA_FAULT
     driver.setup_ring()
     driver.run(upload)  # only the next one failed
 
@@ -364,11 +363,11 @@ def test_interrupts_dropped_delayed_and_spurious(
     call(client, "inject-fault", name="g0", fault="irq-delay", delay=0.3, count=1)
     driver.submit(driver.fence())
     started = time.monotonic()
-    assert driver.wait_interrupt(regs.IntBit.FENCE, timeout=5)
+    assert driver.wait_interrupt(abi.IntBit.FENCE, timeout=5)
     assert time.monotonic() - started >= 0.25
-    driver.write("INT_ACK", regs.IntBit.FENCE)
+    driver.write("INT_ACK", abi.IntBit.FENCE)
     call(client, "inject-fault", name="g0", fault="irq-spurious", vector=1)
-    assert driver.wait_interrupt(regs.IntBit.ERROR, timeout=5)
+    assert driver.wait_interrupt(abi.IntBit.ERROR, timeout=5)
     assert driver.read("INT_STATUS") == 0, "spurious: nothing pending"
     cls, desc = error_of(client, "inject-fault", name="g0", fault="irq-spurious", vector=99)
     assert cls == "GenericError" and "vector must be" in desc
@@ -381,7 +380,7 @@ def test_allocation_failure_and_bit_flip(
     call(client, "inject-fault", name="g0", fault="alloc-fail", count=1)
     with pytest.raises(DriverError) as failed:
         driver.create(4096)
-    assert failed.value.code == regs.ErrorCode.NO_MEMORY
+    assert failed.value.code == abi.ErrorCode.NO_MEMORY
     handle = driver.create(4096)  # only the next one failed
     result = call(
         client, "inject-fault", name="g0", fault="bit-flip", handle=handle, offset=10, bit=3
@@ -403,7 +402,7 @@ def test_surprise_removal_reads_ones_and_drops_writes(
     config = driver.client.region_read(PciRegion.CONFIG, 0, 4)
     assert config == b"\xff" * 4, "vendor ID 0xffff: the device is gone"
     call(client, "inject-clear", name="g0", fault="surprise-removal")
-    assert driver.read("ID") == regs.ID_VALUE and driver.read("SCRATCH") == 0
+    assert driver.read("ID") == abi.ID_VALUE and driver.read("SCRATCH") == 0
 
 
 def test_slow_faults_and_the_python_api(plane: Plane) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.regs import table as regs
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
 from device.vfio_user.server import Endpoint
@@ -87,4 +88,4 @@ def test_sigkilled_client_leaks_nothing_and_device_state_survives(endpoint: Endp
     assert device.dma is None and device.interrupts.lines is None
     with VfioUserClient.connect(endpoint.path) as client:
         assert client.read32(PciRegion.BAR0, regs.BY_NAME["SCRATCH"].offset) == 0xC0FFEE
-        assert client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) == regs.ID_VALUE
+        assert client.read32(PciRegion.BAR0, regs.BY_NAME["ID"].offset) == abi.ID_VALUE

@@ -21,11 +21,11 @@ import pytest
 
 from device.control.manager import GpuServer
 from device.errors import DeviceError
-from device.gpu.commands import Opcode, encode
-from device.gpu.instance import GpuInstance
+from device.gpu.abi import ErrorCode, ResourceCommand
+from device.gpu.engine.commands import Opcode, encode
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.modes import DeniedPolicy, MappingMode
-from device.gpu.physical import PhysicalGpu
-from device.gpu.registers import ErrorCode, ResourceCommand
 from device.gpu.types import InstanceType
 from device.harness.driver import MgpuDriver
 from device.vfio_user.client import VfioUserClient

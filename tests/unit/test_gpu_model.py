@@ -17,11 +17,11 @@ import pytest
 
 from device.control.manager import GpuServer
 from device.errors import CapacityError
-from device.gpu import registers as regs
-from device.gpu.commands import COMMAND_SIZE, Opcode, encode
+from device.gpu import abi
+from device.gpu.abi import ErrorCode
+from device.gpu.engine.commands import COMMAND_SIZE, Opcode, encode
+from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.modes import InterruptMode
-from device.gpu.physical import PhysicalGpu
-from device.gpu.registers import ErrorCode
 from device.gpu.types import InstanceType
 from device.harness.driver import DriverError, MgpuDriver
 from device.vfio_user.client import VfioUserClient
@@ -88,7 +88,7 @@ def test_registers_report_quotas(driver: MgpuDriver) -> None:
     assert driver.read("CONTEXT_QUOTA") == 1
     assert driver.read("APERTURE_SIZE_LO") == 4 * MiB
     assert driver.read("MEM_FREE_LO") == 4 * MiB
-    assert driver.read("VERSION") == (regs.VERSION_MAJOR << 16) | regs.VERSION_MINOR
+    assert driver.read("VERSION") == (abi.VERSION_MAJOR << 16) | abi.VERSION_MINOR
 
 
 def test_resources_are_limited_by_the_quota(driver: MgpuDriver) -> None:
@@ -99,7 +99,7 @@ def test_resources_are_limited_by_the_quota(driver: MgpuDriver) -> None:
     with pytest.raises(DriverError) as exc:
         driver.create(2 * MiB)
     assert exc.value.code == ErrorCode.QUOTA_EXCEEDED
-    assert driver.read("INT_STATUS") & regs.IntBit.ERROR
+    assert driver.read("INT_STATUS") & abi.IntBit.ERROR
     assert driver.read("ERROR_CODE") == ErrorCode.QUOTA_EXCEEDED
     last = driver.create(MiB)
     driver.destroy(handles[1])
@@ -291,7 +291,7 @@ def test_saxpy_and_matmul_compute_float32_results(driver: MgpuDriver) -> None:
 
 
 def test_fence_writes_guest_memory_sets_register_and_raises_msix(driver: MgpuDriver) -> None:
-    fence_fd = driver.vectors[regs.INT_VECTORS[regs.IntBit.FENCE]]
+    fence_fd = driver.vectors[abi.INT_VECTORS[abi.IntBit.FENCE]]
     slot = driver.ram.alloc(8)
     driver.submit(encode(Opcode.NOP), encode(Opcode.FENCE, guest_addr=slot, value=0x1234_5678_9A))
     assert select.select([fence_fd], [], [], 10)[0], "no fence interrupt"
@@ -299,20 +299,20 @@ def test_fence_writes_guest_memory_sets_register_and_raises_msix(driver: MgpuDri
     assert int.from_bytes(driver.ram.read(slot, 8), "little") == 0x1234_5678_9A
     assert driver.read(driver.ctx("FENCE_LO")) == 0x3456_789A
     assert driver.read(driver.ctx("FENCE_HI")) == 0x12
-    assert driver.read("INT_STATUS") & regs.IntBit.FENCE
-    driver.write("INT_ACK", regs.IntBit.FENCE)
-    assert not driver.read("INT_STATUS") & regs.IntBit.FENCE
+    assert driver.read("INT_STATUS") & abi.IntBit.FENCE
+    driver.write("INT_ACK", abi.IntBit.FENCE)
+    assert not driver.read("INT_STATUS") & abi.IntBit.FENCE
     assert driver.read(driver.ctx("RING_HEAD")) == 2 * COMMAND_SIZE
 
 
 def test_masked_interrupt_stays_pending_without_msix(driver: MgpuDriver) -> None:
-    driver.write("INT_MASK", regs.IntBit.FENCE)
+    driver.write("INT_MASK", abi.IntBit.FENCE)
     driver.submit(driver.fence())
     fence_fd = driver.vectors[0]
     for _ in range(200):
         if driver.read(driver.ctx("FENCE_LO")) == driver.fence_value:
             break
-    assert driver.read("INT_STATUS") & regs.IntBit.FENCE
+    assert driver.read("INT_STATUS") & abi.IntBit.FENCE
     assert not select.select([fence_fd], [], [], 0.2)[0], "masked vector fired"
 
 
@@ -361,19 +361,19 @@ def test_bad_command_halts_ring_with_error_and_interrupt(
 ) -> None:
     handle = driver.create(4096)
     assert handle == 1
-    errors_before = driver.drain_interrupts()[regs.INT_VECTORS[regs.IntBit.ERROR]]
+    errors_before = driver.drain_interrupts()[abi.INT_VECTORS[abi.IntBit.ERROR]]
     driver.submit(command, driver.fence())
     with pytest.raises(DriverError) as exc:
         driver.wait_fence(driver.fence_value, timeout=10)
     assert exc.value.code == code
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.ERROR
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.ERROR
     assert driver.read("ERROR_CONTEXT") == 0
     assert driver.read("ERROR_RING_OFFSET") == 0
     assert driver.read(driver.ctx("FENCE_LO")) == 0, "commands after the bad one ran"
     driver.drain_interrupts()
     assert driver.interrupts_seen[
-        regs.INT_VECTORS[regs.IntBit.ERROR]
-    ] > errors_before or driver.wait_interrupt(regs.IntBit.ERROR), "no error interrupt"
+        abi.INT_VECTORS[abi.IntBit.ERROR]
+    ] > errors_before or driver.wait_interrupt(abi.IntBit.ERROR), "no error interrupt"
     # Re-enabling the ring recovers; the device is fine.
     driver.setup_ring()
     driver.run(encode(Opcode.FILL, handle=handle, offset=0, length=4, value=1))
@@ -382,24 +382,24 @@ def test_bad_command_halts_ring_with_error_and_interrupt(
 def test_bad_ring_configuration_is_refused(driver: MgpuDriver) -> None:
     driver.write(driver.ctx("RING_CONTROL"), 0)
     driver.write(driver.ctx("RING_SIZE"), 3000)  # not a power of two
-    driver.write(driver.ctx("RING_CONTROL"), regs.RING_CONTROL_ENABLE)
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.ERROR
+    driver.write(driver.ctx("RING_CONTROL"), abi.RING_CONTROL_ENABLE)
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.ERROR
     assert driver.read("ERROR_CODE") == ErrorCode.INVALID_ARGUMENT
     driver.write(driver.ctx("RING_CONTROL"), 0)
     driver.write(driver.ctx("RING_SIZE"), 4096)
     driver.write(driver.ctx("RING_BASE_LO"), driver.ring + 8)  # misaligned
-    driver.write(driver.ctx("RING_CONTROL"), regs.RING_CONTROL_ENABLE)
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.ERROR
+    driver.write(driver.ctx("RING_CONTROL"), abi.RING_CONTROL_ENABLE)
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.ERROR
     # A tail outside the ring.
     driver.setup_ring()
     driver.write(driver.ctx("RING_TAIL"), driver.ring_size + 64)
     driver.write(driver.ctx("DOORBELL"), 1)
     for _ in range(200):
-        if driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.ERROR:
+        if driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.ERROR:
             break
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.ERROR
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.ERROR
     # Contexts beyond the quota ignore writes.
-    driver.write("CTX3_RING_CONTROL", regs.RING_CONTROL_ENABLE)
+    driver.write("CTX3_RING_CONTROL", abi.RING_CONTROL_ENABLE)
     assert driver.read("CTX3_RING_CONTROL") == 0
 
 
@@ -443,7 +443,7 @@ def test_reset_frees_resources_zeroes_memory_restores_registers(
     assert driver.read("SCRATCH") == 0
     assert driver.read("RESOURCE_COUNT") == 0
     assert driver.read("MEM_FREE_LO") == 4 * MiB
-    assert driver.read(driver.ctx("RING_STATUS")) == regs.RingStatus.STOPPED
+    assert driver.read(driver.ctx("RING_STATUS")) == abi.RingStatus.STOPPED
     assert bytes(device.aperture[offset : offset + 4]) == bytes(4)
     assert server.physical.free_bytes == free_before  # a static instance keeps its memory reserved
     with pytest.raises(DriverError):
@@ -509,5 +509,5 @@ def test_msi_mode_has_msi_capability_and_raises_msi_vectors(
         driver = MgpuDriver(client)
         assert driver.irq_index == 1
         driver.run(encode(Opcode.NOP))
-        assert driver.interrupts_seen[0] >= 1 or driver.wait_interrupt(regs.IntBit.FENCE)
+        assert driver.interrupts_seen[0] >= 1 or driver.wait_interrupt(abi.IntBit.FENCE)
         driver.close()

@@ -15,8 +15,9 @@ from collections.abc import Callable
 import pytest
 
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.regs import table as regs
 from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol import messages as m
@@ -85,7 +86,7 @@ def test_set_irqs_with_a_pipe_is_refused_and_changes_and_keeps_nothing(endpoint:
         assert irqs.raise_irq(PciIrq.MSIX, 1) and os.eventfd_read(kept) == 1
         for fd in (read_end, write_end, good, kept):
             os.close(fd)
-        assert client.read32(PciRegion.BAR0, 0) == regs.ID_VALUE
+        assert client.read32(PciRegion.BAR0, 0) == abi.ID_VALUE
 
 
 def test_a_saturated_blocking_eventfd_never_blocks_a_raise(endpoint: Endpoint) -> None:
@@ -138,9 +139,7 @@ def test_a_failing_eventfd_write_never_raises_and_is_logged_once(
         client.write32(PciRegion.BAR0, regs.BY_NAME["RES_COMMAND"].offset, 0x7F)
         client.set_irqs(PciIrq.MSIX, TRIGGER_BOOL, 0, 2, b"\x01\x01")
         assert os.eventfd_read(vectors[0]) == 1
-        assert client.read32(PciRegion.BAR0, regs.BY_NAME["INT_STATUS"].offset) & (
-            regs.IntBit.ERROR
-        )
+        assert client.read32(PciRegion.BAR0, regs.BY_NAME["INT_STATUS"].offset) & (abi.IntBit.ERROR)
         assert irqs.failed[(PciIrq.MSIX, 1)] == 5
         for fd in vectors:
             os.close(fd)
@@ -151,13 +150,13 @@ def test_a_failing_completion_interrupt_does_not_kill_the_dma_worker(endpoint: E
         irqs = irqs_of(endpoint)  # the session's, once a client is connected
         vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK) for _ in range(8))
         client.set_irq_eventfds(PciIrq.MSIX, vectors)
-        dma_vector = regs.INT_VECTORS[regs.IntBit.DMA]
+        dma_vector = abi.INT_VECTORS[abi.IntBit.DMA]
         break_eventfd(irqs, dma_vector)
         ram = create_guest_ram("guest-ram", 1 << 16)  # sealed: mapped, no messages
         client.dma_map(0x10_0000, 1 << 16, fd=ram)
         for n in range(2):  # the second copy needs the worker alive after the first
             os.pwrite(ram, b"copy %d" % n, 0)
-            assert run_copy(client, regs.DmaCommand.TO_APERTURE, 0x10_0000, 0, 6) == 2
+            assert run_copy(client, abi.DmaCommand.TO_APERTURE, 0x10_0000, 0, 6) == 2
             assert isinstance(endpoint.device, GpuInstance)
             assert bytes(endpoint.device.aperture[0:6]) == b"copy %d" % n
         assert irqs.failed[(PciIrq.MSIX, dma_vector)] == 2
@@ -230,7 +229,7 @@ def test_version_with_a_tiny_max_data_xfer_size_is_refused(endpoint: Endpoint) -
                 client.version({"max_msg_fds": 8, "max_data_xfer_size": size})
             assert refused.value.errno == errno.EINVAL, size
         client.version({"max_msg_fds": 8, "max_data_xfer_size": 4096})  # one page will do
-        assert client.read32(PciRegion.BAR0, 0) == regs.ID_VALUE
+        assert client.read32(PciRegion.BAR0, 0) == abi.ID_VALUE
 
 
 def test_message_dma_memory_is_bounded_by_the_transfer_not_the_chunk_count(
@@ -246,8 +245,8 @@ def test_message_dma_memory_is_bounded_by_the_transfer_not_the_chunk_count(
         client.dma_map(guest, 2 * length)  # no fd: every byte goes by message
         peaks = []
         for command, address in (
-            (regs.DmaCommand.TO_APERTURE, guest),
-            (regs.DmaCommand.FROM_APERTURE, guest + length),
+            (abi.DmaCommand.TO_APERTURE, guest),
+            (abi.DmaCommand.FROM_APERTURE, guest + length),
         ):
             tracemalloc.start()
             try:

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.instance.instance import GpuInstance
 from device.gpu.modes import MappingMode
+from device.gpu.regs import table as regs
 from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.dma import MAX_DMA_MAPS_PER_SESSION, DmaTable
 from device.vfio_user.protocol.constants import PciRegion
@@ -39,7 +40,7 @@ from tests.unit.conftest import ServeInstance
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST = 0x4000_0000
-DONE, ERROR = int(regs.DmaStatus.DONE), int(regs.DmaStatus.ERROR)
+DONE, ERROR = int(abi.DmaStatus.DONE), int(abi.DmaStatus.ERROR)
 
 
 def reg(name: str) -> int:
@@ -73,7 +74,7 @@ SERVER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from device.gpu.instance import GpuInstance
+    from device.gpu.instance.instance import GpuInstance
     from device.vfio_user.server import Endpoint
     workdir = Path(sys.argv[1])
     for name in ("victim", "bystander"):
@@ -104,8 +105,8 @@ def test_truncated_unsealed_memfd_cannot_kill_the_server(tmp_path: Path) -> None
             client.dma_map(GUEST, 1 << 20, fd=ram)
             os.ftruncate(ram, 0)  # every page of a mapping of it would now SIGBUS
             try:
-                to_aperture = run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST, 0, 13)
-                from_aperture = run_copy(client, regs.DmaCommand.FROM_APERTURE, GUEST + 64, 0, 13)
+                to_aperture = run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST, 0, 13)
+                from_aperture = run_copy(client, abi.DmaCommand.FROM_APERTURE, GUEST + 64, 0, 13)
             except (ConnectionError, OSError) as exc:
                 server.wait(5)
                 raise AssertionError(
@@ -114,7 +115,7 @@ def test_truncated_unsealed_memfd_cannot_kill_the_server(tmp_path: Path) -> None
             # The range was served by messages from the client's own memory.
             assert (to_aperture, from_aperture) == (DONE, DONE)
             assert memory.read(GUEST + 64, 13) == b"from messages"
-            assert client.read32(PciRegion.BAR0, reg("ID")) == regs.ID_VALUE
+            assert client.read32(PciRegion.BAR0, reg("ID")) == abi.ID_VALUE
             bystander.write32(PciRegion.BAR0, reg("SCRATCH"), 0x5AFE)
             assert bystander.read32(PciRegion.BAR0, reg("SCRATCH")) == 0x5AFE
         os.close(ram)
@@ -139,8 +140,8 @@ def test_sealed_memfd_is_mapped_and_used_directly(serve_instance: ServeInstance)
         (region,) = session.dma.regions
         assert region.mapping is not None and mapped("sealed-guest-ram")
         os.pwrite(ram, b"through the fd", 0x800)
-        assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST + 0x800, 0x40, 14) == DONE
-        assert run_copy(client, regs.DmaCommand.FROM_APERTURE, GUEST + 0x900, 0x40, 14) == DONE
+        assert run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST + 0x800, 0x40, 14) == DONE
+        assert run_copy(client, abi.DmaCommand.FROM_APERTURE, GUEST + 0x900, 0x40, 14) == DONE
         assert client.server_requests_served == 0, "no DMA_READ/DMA_WRITE message"
         assert os.pread(ram, 14, 0x900) == b"through the fd"
     os.close(ram)
@@ -168,7 +169,7 @@ def test_regular_file_is_not_mapped_and_served_by_messages(
         session = endpoint.session
         assert session is not None
         assert [region.mapping for region in session.dma.regions] == [None]
-        assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST, 0, 10) == DONE
+        assert run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST, 0, 10) == DONE
         assert client.server_requests_served == 1, "one DMA_READ message"
         assert bytes(device_of(endpoint).aperture[0:10]) == b"by message"
     os.close(fd)
@@ -281,7 +282,7 @@ def test_advertised_map_limit_is_enforced_with_a_clear_error(
         client.dma_unmap(GUEST, 4096)
         client.dma_map(GUEST + limit * 4096, 4096, fd=ram)  # room again
         os.close(ram)
-        assert client.read32(PciRegion.BAR0, reg("ID")) == regs.ID_VALUE
+        assert client.read32(PciRegion.BAR0, reg("ID")) == abi.ID_VALUE
 
 
 # ---------------------------------------------------------------------- when a mapping goes

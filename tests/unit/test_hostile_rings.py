@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from device.gpu import registers as regs
-from device.gpu.commands import COMMAND_SIZE, Opcode, encode
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.engine.commands import COMMAND_SIZE, Opcode, encode
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.regs import table as regs
 from device.vfio_user.client import BytearrayMemory, VfioUserClient
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.constants import Command, PciRegion
@@ -73,8 +74,8 @@ class Rig:
     def enable_ring(self) -> None:
         self.write("CTX0_RING_BASE_LO", RING)
         self.write("CTX0_RING_SIZE", RING_SIZE)
-        self.write("CTX0_RING_CONTROL", regs.RING_CONTROL_ENABLE)
-        assert self.read("CTX0_RING_STATUS") == regs.RingStatus.IDLE
+        self.write("CTX0_RING_CONTROL", abi.RING_CONTROL_ENABLE)
+        assert self.read("CTX0_RING_STATUS") == abi.RingStatus.IDLE
 
     def submit(self, *commands: bytes) -> int:
         """Write commands, ring the doorbell; returns the ring offset of the first."""
@@ -91,21 +92,21 @@ class Rig:
 
         def idle() -> bool:
             status = self.read("CTX0_RING_STATUS")
-            return status != regs.RingStatus.BUSY and (
-                status == regs.RingStatus.ERROR or self.read("CTX0_RING_HEAD") == self.tail
+            return status != abi.RingStatus.BUSY and (
+                status == abi.RingStatus.ERROR or self.read("CTX0_RING_HEAD") == self.tail
             )
 
         wait_until(idle, 10, what)
 
     def create(self, size: int) -> int:
         self.write("RES_SIZE_LO", size)
-        self.write("RES_COMMAND", regs.ResourceCommand.CREATE)
+        self.write("RES_COMMAND", abi.ResourceCommand.CREATE)
         assert self.read("RES_STATUS") == 0
         return self.read("RES_HANDLE")
 
     def place(self, handle: int) -> int:
         self.write("RES_HANDLE", handle)
-        self.write("RES_COMMAND", regs.ResourceCommand.PLACE)
+        self.write("RES_COMMAND", abi.ResourceCommand.PLACE)
         assert self.read("RES_STATUS") == 0
         return self.read("RES_OFFSET_LO")
 
@@ -151,7 +152,7 @@ def test_ring_size_written_in_the_middle_of_a_command_changes_nothing(rig: Rig) 
     rig.memory.hooks[RING] = lambda: rig.write_no_reply("CTX0_RING_SIZE", 0)
     rig.submit(encode(Opcode.FENCE, value=1))
     rig.settle("the first command")
-    assert rig.read("CTX0_RING_STATUS") == regs.RingStatus.IDLE
+    assert rig.read("CTX0_RING_STATUS") == abi.RingStatus.IDLE
     assert rig.read("CTX0_RING_HEAD") == COMMAND_SIZE
     # The engine is alive: later commands run, and HEAD stays a multiple of 64.
     rig.memory.hooks[RING + COMMAND_SIZE] = lambda: rig.write_no_reply("CTX0_RING_SIZE", 100)
@@ -168,9 +169,9 @@ def test_destroy_during_a_command_frees_the_memory_only_after_it(rig: Rig) -> No
 
     def destroy_and_reallocate() -> None:  # while the engine waits for the data
         rig.write_no_reply("RES_HANDLE", victim)
-        rig.write_no_reply("RES_COMMAND", regs.ResourceCommand.DESTROY)
+        rig.write_no_reply("RES_COMMAND", abi.ResourceCommand.DESTROY)
         rig.write_no_reply("RES_SIZE_LO", 4096)
-        rig.write_no_reply("RES_COMMAND", regs.ResourceCommand.CREATE)
+        rig.write_no_reply("RES_COMMAND", abi.ResourceCommand.CREATE)
 
     rig.memory.hooks[DATA] = destroy_and_reallocate
     rig.submit(encode(Opcode.WRITE_RESOURCE, guest_addr=DATA, handle=victim, length=4096))
@@ -196,7 +197,7 @@ def test_a_reset_during_message_dma_fences_the_engine_and_loses_nothing_later(ri
     # the client sends only after the socket thread is done with the reset).
     # (Each register read also lets the client answer the device's DMA requests.)
     wait_until(lambda: rig.read("ID") > 0 and rig.device.resets == 1, 10, "the reset")
-    assert rig.read("CTX0_RING_STATUS") == regs.RingStatus.STOPPED
+    assert rig.read("CTX0_RING_STATUS") == abi.RingStatus.STOPPED
     assert rig.read("RESOURCE_COUNT") == 0
     with rig.device.engine.fenced():  # whatever the engine still does has ended
         pass
@@ -227,14 +228,14 @@ def test_a_bug_in_a_command_fails_it_and_the_engine_keeps_serving(
     monkeypatch.setattr(rig.device, "pin_resource", buggy_pin)
     rig.submit(encode(Opcode.FILL, handle=handle, length=4096, value=0x01010101))
     rig.settle("the buggy command")
-    assert rig.read("CTX0_RING_STATUS") == regs.RingStatus.ERROR
-    assert rig.read("ERROR_CODE") == regs.ErrorCode.ENGINE_FAULT
+    assert rig.read("CTX0_RING_STATUS") == abi.RingStatus.ERROR
+    assert rig.read("ERROR_CODE") == abi.ErrorCode.ENGINE_FAULT
     rig.write("CTX0_RING_CONTROL", 0)
     rig.tail = 0
     rig.enable_ring()
     rig.submit(encode(Opcode.FILL, handle=handle, length=4096, value=0x02020202))
     rig.settle("a command after the bug")
-    assert rig.read("CTX0_RING_STATUS") == regs.RingStatus.IDLE
+    assert rig.read("CTX0_RING_STATUS") == abi.RingStatus.IDLE
 
 
 def test_closing_an_instance_does_not_wait_for_a_client_that_never_answers(
@@ -255,7 +256,7 @@ def test_closing_an_instance_does_not_wait_for_a_client_that_never_answers(
         # command waits for an answer that never comes.
         rig.write_no_reply("CTX0_RING_TAIL", COMMAND_SIZE)
         rig.write_no_reply("CTX0_DOORBELL", 1)
-        busy = regs.RingStatus.BUSY
+        busy = abi.RingStatus.BUSY
         wait_until(lambda: device.registers.get("CTX0_RING_STATUS") == busy, 5, "BUSY")
         physical = device.physical
         closer = threading.Thread(target=device.close)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device.gpu.fault_log import FaultLog
+from device.gpu.aperture.fault_log import FaultLog
 from device.harness.launch import build_parser, check_args, main
 from device.harness.pytest_plugin import FaultCursor, kernel_problems
 from device.harness.vm import qemu_command

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.regs import table as regs
 from device.vfio_user.client import BytearrayMemory, VfioUserClient, create_guest_ram
 from device.vfio_user.protocol.constants import PciIrq, PciRegion
 from device.vfio_user.server import Endpoint
@@ -52,23 +53,23 @@ def test_copy_to_and_from_aperture_over_messages_larger_than_one_transfer(served
     client.dma_map(GUEST_BASE, GUEST_SIZE)  # no fd: only messages reach this memory
     vectors = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))
     client.set_irq_eventfds(PciIrq.MSIX, vectors)
-    eventfd = vectors[regs.INT_VECTORS[regs.IntBit.DMA]]
+    eventfd = vectors[abi.INT_VECTORS[abi.IntBit.DMA]]
     length = (1 << 20) + 4096 + 3  # more than max_data_xfer_size: several DMA messages
     pattern = bytes((i * 7 + 1) & 0xFF for i in range(length))
     memory.write(GUEST_BASE, pattern)
 
     served_before = client.server_requests_served
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0x1000, length) == 2
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST_BASE, 0x1000, length) == 2
     assert client.server_requests_served - served_before == 2  # two DMA_READs
     assert device.aperture[0x1000 : 0x1000 + length] == pattern
     assert select.select([eventfd], [], [], 5)[0], "completion interrupt not raised"
     assert os.eventfd_read(eventfd) == 1
 
     target = GUEST_BASE + (2 << 20)
-    assert run_copy(client, regs.DmaCommand.FROM_APERTURE, target, 0x1000, length) == 2
+    assert run_copy(client, abi.DmaCommand.FROM_APERTURE, target, 0x1000, length) == 2
     assert memory.read(target, length) == pattern
     assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == 0
-    assert client.read32(PciRegion.BAR0, reg("INT_STATUS")) & regs.IntBit.DMA
+    assert client.read32(PciRegion.BAR0, reg("INT_STATUS")) & abi.IntBit.DMA
     for fd in vectors:
         os.close(fd)
 
@@ -77,17 +78,17 @@ def test_unmapped_or_out_of_range_dma_sets_error_status_and_keeps_serving(served
     device, _, client, memory = served
     client.dma_map(GUEST_BASE, GUEST_SIZE)
     # A guest address nobody mapped: EFAULT, no message sent.
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, 0x9000_0000, 0, 4096) == 3
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, 0x9000_0000, 0, 4096) == 3
     assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EFAULT
     # A range that runs past the end of the mapping.
     end = GUEST_BASE + GUEST_SIZE - 100
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, end, 0, 4096) == 3
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, end, 0, 4096) == 3
     # An aperture range past the BAR.
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, device.aperture_size, 16) == 3
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST_BASE, device.aperture_size, 16) == 3
     assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EINVAL
     # The device still works afterwards.
     memory.write(GUEST_BASE, b"still alive")
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
     assert bytes(device.aperture[0:11]) == b"still alive"
 
 
@@ -95,7 +96,7 @@ def test_client_refusing_a_dma_read_becomes_a_device_error(served: Served) -> No
     _, _, client, _ = served
     # The client maps more than its memory backs: its answer to DMA_READ is EFAULT.
     client.dma_map(GUEST_BASE + GUEST_SIZE, 1 << 20)
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, GUEST_BASE + GUEST_SIZE, 0, 64) == 3
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, GUEST_BASE + GUEST_SIZE, 0, 64) == 3
     assert client.read32(PciRegion.BAR0, reg("DMA_ERROR")) == errno.EFAULT
 
 
@@ -105,7 +106,7 @@ def test_fd_backed_memory_is_accessed_directly_without_messages(served: Served) 
     client.dma_map(0x4000_0000, 1 << 20, fd=ram)
     os.pwrite(ram, b"through the fd", 0x800)
     before = client.server_requests_served
-    assert run_copy(client, regs.DmaCommand.TO_APERTURE, 0x4000_0800, 0x40, 14) == 2
+    assert run_copy(client, abi.DmaCommand.TO_APERTURE, 0x4000_0800, 0x40, 14) == 2
     assert client.server_requests_served == before
     assert bytes(device.aperture[0x40:0x4E]) == b"through the fd"
     assert device.dma is not None
@@ -157,14 +158,14 @@ def test_pending_dma_of_one_device_never_blocks_another_or_its_own_registers(
             slow.write32(PciRegion.BAR0, reg("DMA_GUEST_ADDR_LO"), GUEST_BASE)
             slow.write32(PciRegion.BAR0, reg("DMA_LENGTH"), 11)
             # Start the copy without reading anything: its DMA_READ waits, unanswered.
-            slow.write32(PciRegion.BAR0, reg("DMA_CONTROL"), regs.DmaCommand.TO_APERTURE)
+            slow.write32(PciRegion.BAR0, reg("DMA_CONTROL"), abi.DmaCommand.TO_APERTURE)
             for i in range(200):
                 other.write32(PciRegion.BAR0, reg("SCRATCH"), i)
                 assert other.read32(PciRegion.BAR0, reg("SCRATCH")) == i
             assert devices[0].aperture[0:11] == bytes(11)  # still waiting for the answer
             # The slow device's own socket thread answers registers while its DMA waits.
-            assert slow.read32(PciRegion.BAR0, reg("ID")) == regs.ID_VALUE
-            assert run_copy(slow, regs.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
+            assert slow.read32(PciRegion.BAR0, reg("ID")) == abi.ID_VALUE
+            assert run_copy(slow, abi.DmaCommand.TO_APERTURE, GUEST_BASE, 0, 11) == 2
             assert bytes(devices[0].aperture[0:11]) == b"late answer"
     finally:
         for endpoint in endpoints:

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.instance import GpuInstance
+from device.gpu import abi
+from device.gpu.instance.instance import GpuInstance
+from device.gpu.regs import table as regs
 from device.vfio_user.client import VfioUserClient, create_guest_ram
 from device.vfio_user.protocol import messages as m
 from device.vfio_user.protocol.constants import Command, IrqSetFlags, PciIrq, PciRegion
@@ -92,7 +93,7 @@ def assert_hung_up(client: VfioUserClient) -> None:
 def works(endpoint: Endpoint) -> None:
     """A new client gets correct answers."""
     with VfioUserClient.connect(endpoint.path) as client:
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
         assert client.device_info().num_regions == 9
 
 
@@ -131,7 +132,7 @@ def test_version_reply_is_0_0_and_never_longer_than_the_request(endpoint: Endpoi
             assert len(reply.payload) <= len(request), caps
             assert reply.payload.endswith(b"\0")
             assert set(version.capabilities) <= set(caps), "a subset of what was offered"
-            assert client.read32(0, 0) == regs.ID_VALUE
+            assert client.read32(0, 0) == abi.ID_VALUE
 
 
 def test_commands_before_version_are_refused_with_einval(endpoint: Endpoint) -> None:
@@ -346,7 +347,7 @@ def test_config_accesses_outside_4k_are_refused(endpoint: Endpoint) -> None:
 
 def test_id_scratch_and_access_widths(endpoint: Endpoint) -> None:
     with VfioUserClient.connect(endpoint.path) as client:
-        assert client.read32(0, 0) == regs.ID_VALUE == 0x4D475055
+        assert client.read32(0, 0) == abi.ID_VALUE == 0x4D475055
         assert client.region_read(0, 0, 1) == b"\x55"
         assert client.region_read(0, 2, 2) == b"\x47\x4d"
         client.write32(0, SCRATCH, 0x11223344)
@@ -365,7 +366,7 @@ def test_read_only_registers_ignore_writes(endpoint: Endpoint) -> None:
         client.write32(0, 0, 0)
         client.region_write(0, 1, b"\0\0")
         client.write32(0, VERSION_REG, 0xFFFFFFFF)
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
         assert client.read32(0, VERSION_REG) == version
 
 
@@ -394,7 +395,7 @@ def test_device_reset_clears_scratch(endpoint: Endpoint) -> None:
         client.write32(0, SCRATCH, 5)
         client.reset()
         assert client.read32(0, SCRATCH) == 0
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
 
 
 def test_pcie_flr_clears_scratch(endpoint: Endpoint) -> None:
@@ -593,7 +594,7 @@ def test_device_interrupts_reach_the_eventfd(endpoint: Endpoint) -> None:
         client.set_irq_eventfds(PciIrq.MSIX, fds)
         client.write32(0, regs.BY_NAME["RES_COMMAND"].offset, 0x7F)  # no such command
         assert os.eventfd_read(fds[1]) == 1
-        assert client.read32(0, regs.BY_NAME["INT_STATUS"].offset) & regs.IntBit.ERROR
+        assert client.read32(0, regs.BY_NAME["INT_STATUS"].offset) & abi.IntBit.ERROR
         close_all(fds)
 
 
@@ -608,7 +609,7 @@ def test_unknown_or_refused_commands_get_an_errno(endpoint: Endpoint, command: i
         assert header.msg_id == 77 and header.command == command
         assert header.is_reply and header.is_error and header.size == 16
         assert header.error in (errno.ENOTSUP, errno.EINVAL)
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
 
 
 def test_unknown_commands_before_version_get_an_errno_too(endpoint: Endpoint) -> None:
@@ -616,7 +617,7 @@ def test_unknown_commands_before_version_get_an_errno_too(endpoint: Endpoint) ->
         header = raw_exchange(client, m.encode_message(8, 99, b"", reply=False))
         assert header is not None and header.is_error and header.msg_id == 8
         client.version()
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
 
 
 MALFORMED = [
@@ -657,7 +658,7 @@ def test_malformed_payloads_get_an_errno_and_the_session_goes_on(
         assert header.msg_id == 5 and header.command == command
         assert header.error > 0
         assert client.read32(0, SCRATCH) == 0x5A5A, "refused means no effect"
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
 
 
 def test_pipelined_requests_are_answered_in_order(endpoint: Endpoint) -> None:
@@ -679,7 +680,7 @@ def test_pipelined_requests_are_answered_in_order(endpoint: Endpoint) -> None:
         replies = [client.receive() for _ in range(4)]
         assert [r.header.msg_id for r in replies] == [10, 11, 12, 13]
         assert [r.header.is_error for r in replies] == [False, True, False, False]
-        assert replies[0].payload[16:] == struct.pack("<I", regs.ID_VALUE)
+        assert replies[0].payload[16:] == struct.pack("<I", abi.ID_VALUE)
         assert replies[3].payload[16:] == b"\x01\x02\x03\x04"
 
 
@@ -694,8 +695,8 @@ def test_replies_from_the_client_get_no_answer(endpoint: Endpoint) -> None:
         )
         # Had anything been answered, this request would get the wrong reply (the
         # client checks the id and raises).
-        assert client.read32(0, 0) == regs.ID_VALUE
-        assert client.read32(0, VERSION_REG) == regs.VERSION_MAJOR << 16 | regs.VERSION_MINOR
+        assert client.read32(0, 0) == abi.ID_VALUE
+        assert client.read32(0, VERSION_REG) == abi.VERSION_MAJOR << 16 | abi.VERSION_MINOR
 
 
 def test_no_reply_commands_get_no_answer_even_when_refused(endpoint: Endpoint) -> None:
@@ -771,7 +772,7 @@ def test_unexpected_fds_are_refused_and_closed(endpoint: Endpoint) -> None:
             client, m.encode_message(8, Command.DMA_READ, b"", reply=True), fds, expect_reply=False
         )
         close_all(fds)
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
         assert open_fds() == with_client
         # More eventfds than the index has vectors: refused, closed.
         many = eventfds(20)
@@ -815,7 +816,7 @@ def test_broken_framing_disconnects_that_client_only(endpoint: Endpoint, size: i
         assert_hung_up(client)
     wait_served(endpoint, 1)
     with VfioUserClient.connect(endpoint.path) as client:
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
         assert client.read32(0, SCRATCH) == 0x600D, "the device state survives"
     wait_served(endpoint, 2)
     assert open_fds() == before
@@ -908,11 +909,11 @@ def test_a_second_client_waits_until_the_first_leaves(endpoint: Endpoint) -> Non
         second.send_raw(
             m.encode_message(1, Command.VERSION, m.Version(0, 0, {}).pack(), reply=False)
         )
-        assert first.read32(0, 0) == regs.ID_VALUE
+        assert first.read32(0, 0) == abi.ID_VALUE
         first.close()
         header = second.receive().header  # answered once the first is gone
         assert header.msg_id == 1 and not header.is_error
-        assert second.read32(0, 0) == regs.ID_VALUE
+        assert second.read32(0, 0) == abi.ID_VALUE
     finally:
         first.close()
         second.close()
@@ -925,7 +926,7 @@ def test_stop_disconnects_a_connected_client_and_removes_the_socket(short_tmp: P
     try:
         server.start()
         with VfioUserClient.connect(server.path) as client:
-            assert client.read32(0, 0) == regs.ID_VALUE
+            assert client.read32(0, 0) == abi.ID_VALUE
             server.stop()
             assert_hung_up(client)
         assert not (workdir / "gpu.sock").exists()
@@ -989,7 +990,7 @@ def test_fuzz_well_framed_messages_get_an_answer_or_silence_and_stay_in_sync(
             assert (answer.msg_id, answer.command) == (0x4242, command)
             assert answer.is_reply
             assert answer.size == 16 or not answer.is_error
-        assert client.read32(0, 0) == regs.ID_VALUE
+        assert client.read32(0, 0) == abi.ID_VALUE
     wait_served(endpoint, served + 1)
     assert open_fds() == before
 
@@ -1056,7 +1057,7 @@ def test_two_devices_one_hammered_the_other_keeps_answering(serve_instance: Serv
             for value in range(300):
                 client.write32(0, SCRATCH, value)
                 assert client.read32(0, SCRATCH) == value
-                assert client.read32(0, 0) == regs.ID_VALUE
+                assert client.read32(0, 0) == abi.ID_VALUE
     finally:
         stop.set()
         thread.join(30)
@@ -1081,9 +1082,9 @@ def test_message_dma_honours_the_clients_max_data_xfer_size(endpoint: Endpoint) 
         }
         client.write32(0, reg["DMA_GUEST_ADDR_LO"], 0x100000)
         client.write32(0, reg["DMA_LENGTH"], 10240)
-        client.write32(0, reg["DMA_CONTROL"], regs.DmaCommand.TO_APERTURE)
+        client.write32(0, reg["DMA_CONTROL"], abi.DmaCommand.TO_APERTURE)
         wait_until(  # no sleep: reading the status is what lets the client answer DMA
-            lambda: client.read32(0, reg["DMA_STATUS"]) != regs.DmaStatus.BUSY,
+            lambda: client.read32(0, reg["DMA_STATUS"]) != abi.DmaStatus.BUSY,
             10,
             "the DMA to finish",
             interval=0,
@@ -1123,7 +1124,7 @@ def test_a_failed_accept_does_not_stop_the_endpoint(short_tmp: Path) -> None:
     try:
         server.start()
         with VfioUserClient.connect(server.path, timeout=1) as client:
-            assert client.read32(0, 0) == regs.ID_VALUE
+            assert client.read32(0, 0) == abi.ID_VALUE
     finally:
         server.stop()
         device.close()

@@ -1,6 +1,6 @@
 """BAR0 as the guest sees it: register values, and writes dispatched to their actions.
 
-The table in ``registers.py`` says what each register is; this module stores the
+The table in ``regs/table.py`` says what each register is; this module stores the
 values and routes accesses.  A write to a register whose ``on_write`` is NONE stores
 the value (read/write registers) or is dropped (read-only, write-only, unassigned);
 any other action goes to the handler the owner registered for it, which decides what
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from device.gpu import registers as regs
-from device.gpu.registers import ReadAction, Register, WriteAction
+from device.gpu.regs import table as regs
+from device.gpu.regs.table import ReadAction, Register, WriteAction
 
 WriteHandler = Callable[[Register, int], None]  # (register, the new 32-bit value)
 ReadHandler = Callable[[], int]  # a computed (up to 64-bit) value

@@ -9,11 +9,11 @@ register reply must never wait behind it.
 from __future__ import annotations
 
 from device import trace
-from device.gpu import registers as regs
+from device.gpu import abi
+from device.gpu.abi import IntBit
 from device.gpu.inject import Faults
 from device.gpu.modes import InterruptMode
-from device.gpu.register_file import RegisterFile
-from device.gpu.registers import IntBit
+from device.gpu.regs.file import RegisterFile
 from device.vfio_user.irq import IrqLines
 from device.vfio_user.protocol.constants import PciIrq
 
@@ -42,7 +42,7 @@ class Interrupts:
         """Make a cause pending and queue its vector unless masked (lock held)."""
         self.registers.set("INT_STATUS", self.registers.get("INT_STATUS") | cause)
         if not self.registers.get("INT_MASK") & cause:
-            self._queued.append(regs.INT_VECTORS[cause])
+            self._queued.append(abi.INT_VECTORS[cause])
 
     def ack(self, causes: int) -> None:
         """INT_ACK: clear pending causes (lock held)."""

@@ -46,14 +46,14 @@ import numpy as np
 from device.errors import DeviceError, VfioUserError
 from device.fuse.server import FuseAperture, Reply
 from device.gpu import inject
-from device.gpu.access_policy import denied_access
-from device.gpu.aperture_map import ApertureTable, Entry
-from device.gpu.device_memory import DeviceMemory
-from device.gpu.fault_log import FaultLog
+from device.gpu.abi import ErrorCode
+from device.gpu.aperture.access_policy import denied_access
+from device.gpu.aperture.fault_log import FaultLog
+from device.gpu.memory.device_memory import DeviceMemory
+from device.gpu.memory.page_table import ApertureTable, Entry
+from device.gpu.memory.physical import PhysicalGpu
+from device.gpu.memory.resources import Resource
 from device.gpu.modes import DeniedPolicy, MappingMode
-from device.gpu.physical import PhysicalGpu
-from device.gpu.registers import ErrorCode
-from device.gpu.resources import Resource
 from device.units import PAGE_SIZE
 
 DUMMY = "dummy"  # ``served`` for a page answered by the denied-access policy

@@ -22,8 +22,8 @@ from typing import Protocol
 
 from device import trace
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.register_file import RegisterFile
+from device.gpu import abi
+from device.gpu.regs.file import RegisterFile
 from device.vfio_user.dma import DmaTable
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ class BringUpDma:
 
     def start(self, command: int) -> None:
         """DMA_CONTROL was written."""
-        if self.registers.get("DMA_STATUS") == regs.DmaStatus.BUSY or command not in (
-            regs.DmaCommand.TO_APERTURE,
-            regs.DmaCommand.FROM_APERTURE,
+        if self.registers.get("DMA_STATUS") == abi.DmaStatus.BUSY or command not in (
+            abi.DmaCommand.TO_APERTURE,
+            abi.DmaCommand.FROM_APERTURE,
         ):
             return
         job = _Job(
@@ -77,7 +77,7 @@ class BringUpDma:
             self.registers.get("DMA_APERTURE_OFFSET"),
             self.registers.get("DMA_LENGTH"),
         )
-        self.registers.set("DMA_STATUS", regs.DmaStatus.BUSY)
+        self.registers.set("DMA_STATUS", abi.DmaStatus.BUSY)
         self._jobs.put(job)
 
     def reset(self) -> None:
@@ -114,12 +114,12 @@ class BringUpDma:
     def _copy(self, job: _Job) -> int:
         """Run one job; its errno (0 on success)."""
         try:
-            if not 0 < job.length <= regs.DMA_MAX_LENGTH or (
+            if not 0 < job.length <= abi.DMA_MAX_LENGTH or (
                 job.aperture_offset + job.length > self.host.aperture_size
             ):
                 raise VfioUserError(errno.EINVAL, "bad DMA length or aperture range")
             dma = self.host.guest_memory()
-            if job.command == regs.DmaCommand.TO_APERTURE:
+            if job.command == abi.DmaCommand.TO_APERTURE:
                 self.host.aperture_write(job.aperture_offset, dma.read(job.guest, job.length))
             else:
                 dma.write(job.guest, self.host.aperture_read(job.aperture_offset, job.length))

@@ -8,7 +8,7 @@ once: two aperture pages showing one device page could not stay coherent through
 two page-cache copies, so such a MAP is refused (ALREADY_MAPPED).  The table maps
 to *resource* pages, not device pages: which device page backs a resource page is
 the resource's residency, decided at fault time (``validate_map_request`` in
-``aperture.py``), so eviction and page-in never touch the table.
+``aperture/window.py``), so eviction and page-in never touch the table.
 
 In ``static`` mode there is no translation at all (QEMU maps the instance's private
 memory 1:1 at realize): a resource shows at the aperture offset of its pages in that
@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from device.errors import DeviceError
-from device.gpu.registers import ErrorCode
-from device.gpu.resources import Resource
+from device.gpu.abi import ErrorCode
+from device.gpu.memory.resources import Resource
 from device.units import PAGE_SIZE
 
 

@@ -9,23 +9,23 @@ import errno
 from typing import TYPE_CHECKING
 
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.registers import ErrorCode, IntBit
-from device.gpu.resources import Pin, Resource
+from device.gpu import abi
+from device.gpu.abi import ErrorCode, IntBit
+from device.gpu.memory.resources import Pin, Resource
 from device.units import PAGE_SIZE
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from device.gpu import inject
-    from device.gpu.aperture import Aperture
-    from device.gpu.aperture_map import ApertureTable
-    from device.gpu.bringup_dma import BringUpDma
-    from device.gpu.interrupts import Interrupts
-    from device.gpu.physical import PhysicalGpu
-    from device.gpu.register_file import RegisterFile
-    from device.gpu.resources import ResourceTable
-    from device.gpu.rings import Job, Ring
+    from device.gpu.aperture.window import Aperture
+    from device.gpu.engine.bringup_dma import BringUpDma
+    from device.gpu.engine.rings import Job, Ring
+    from device.gpu.instance.interrupts import Interrupts
+    from device.gpu.memory.page_table import ApertureTable
+    from device.gpu.memory.physical import PhysicalGpu
+    from device.gpu.memory.resources import ResourceTable
+    from device.gpu.regs.file import RegisterFile
     from device.vfio_user.dma import DmaTable
 
 
@@ -112,5 +112,5 @@ class WorkerHosts:
             if generation != self.bring_up.generation:
                 return  # reset meanwhile: the result is dropped
             self.registers.set("DMA_ERROR", error)
-            self.registers.set("DMA_STATUS", regs.DmaStatus.ERROR if error else regs.DmaStatus.DONE)
+            self.registers.set("DMA_STATUS", abi.DmaStatus.ERROR if error else abi.DmaStatus.DONE)
             self.interrupts.raise_cause(IntBit.DMA)

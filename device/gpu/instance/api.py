@@ -13,23 +13,23 @@ from typing import TYPE_CHECKING, Any
 from device import trace
 from device.errors import DeviceError
 from device.gpu import inject
-from device.gpu import registers as regs
-from device.gpu.fault_log import FaultRecord
-from device.gpu.registers import ErrorCode, ResourceCommand
+from device.gpu.abi import ErrorCode, ResourceCommand
+from device.gpu.aperture.fault_log import FaultRecord
+from device.gpu.regs import table as regs
 from device.vfio_user.protocol.constants import PciRegion
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from device.gpu.aperture import Aperture
-    from device.gpu.aperture_map import ApertureTable
-    from device.gpu.engine import Engine
-    from device.gpu.interrupts import Interrupts
-    from device.gpu.physical import PhysicalGpu
-    from device.gpu.register_file import RegisterFile
-    from device.gpu.resources import Pin, ResourceTable
+    from device.gpu.aperture.window import Aperture
+    from device.gpu.engine.executor import Engine
+    from device.gpu.instance.interrupts import Interrupts
+    from device.gpu.memory.page_table import ApertureTable
+    from device.gpu.memory.physical import PhysicalGpu
+    from device.gpu.memory.resources import Pin, ResourceTable
+    from device.gpu.regs.file import RegisterFile
 
-log = logging.getLogger("device.gpu.instance")
+log = logging.getLogger("device.gpu.instance.instance")
 
 # FaultLog kinds -> (control event, trace kind); the event is None for trace-only ones.
 FAULT_EVENTS: dict[str, tuple[str | None, str]] = {

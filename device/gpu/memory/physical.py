@@ -34,10 +34,10 @@ from typing import Protocol
 import numpy as np
 
 from device.errors import CapacityError, DeviceError, OutOfMemory
-from device.gpu.allocator import Extent
-from device.gpu.device_memory import DeviceMemory
-from device.gpu.registers import ErrorCode
-from device.gpu.resources import Resource
+from device.gpu.abi import ErrorCode
+from device.gpu.memory.allocator import Extent
+from device.gpu.memory.device_memory import DeviceMemory
+from device.gpu.memory.resources import Resource
 from device.gpu.types import DEFAULT_TYPES, InstanceType
 from device.units import GiB
 

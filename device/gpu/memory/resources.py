@@ -25,9 +25,9 @@ import numpy as np
 import numpy.typing as npt
 
 from device.errors import DeviceError
-from device.gpu.allocator import Extent, pages
-from device.gpu.device_memory import DeviceMemory
-from device.gpu.registers import ErrorCode
+from device.gpu.abi import ErrorCode
+from device.gpu.memory.allocator import Extent, pages
+from device.gpu.memory.device_memory import DeviceMemory
 from device.units import PAGE_SIZE
 
 

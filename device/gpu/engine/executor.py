@@ -32,11 +32,11 @@ import numpy.typing as npt
 
 from device import trace
 from device.errors import DeviceError, VfioUserError
-from device.gpu.commands import COMMAND_SIZE, Command
+from device.gpu.abi import ErrorCode
+from device.gpu.engine.commands import COMMAND_SIZE, Command
+from device.gpu.engine.rings import Job
 from device.gpu.inject import Faults
-from device.gpu.registers import ErrorCode
-from device.gpu.resources import Pin
-from device.gpu.rings import Job
+from device.gpu.memory.resources import Pin
 from device.vfio_user.dma import DmaTable
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
 from device.errors import DeviceError
-from device.gpu.registers import ErrorCode
+from device.gpu.abi import ErrorCode
 
 COMMAND_SIZE = 64
 COMMAND_STRUCT = struct.Struct("<II7Q")

@@ -18,10 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from device.gpu import registers as regs
-from device.gpu.commands import COMMAND_SIZE
-from device.gpu.register_file import RegisterFile
-from device.gpu.registers import ContextRegisters, ErrorCode, RingStatus
+from device.gpu import abi
+from device.gpu.abi import ErrorCode, RingStatus
+from device.gpu.engine.commands import COMMAND_SIZE
+from device.gpu.regs.file import RegisterFile
+from device.gpu.regs.table import ContextRegisters
 
 # (code, context, ring offset) -> ERROR_* registers and the ERROR interrupt
 ErrorReporter = Callable[[ErrorCode, int, int], None]
@@ -55,7 +56,7 @@ class Ring:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._get(self.offsets.control) & regs.RING_CONTROL_ENABLE)
+        return bool(self._get(self.offsets.control) & abi.RING_CONTROL_ENABLE)
 
     @property
     def status(self) -> RingStatus:
@@ -71,7 +72,7 @@ class Ring:
     def write_control(self, value: int) -> None:
         was_enabled = self.enabled
         self._set(self.offsets.control, value)
-        enable = bool(value & regs.RING_CONTROL_ENABLE)
+        enable = bool(value & abi.RING_CONTROL_ENABLE)
         if enable and not was_enabled:
             self._enable()
         elif not enable:
@@ -87,7 +88,7 @@ class Ring:
         if (
             base % COMMAND_SIZE
             or size & (size - 1)
-            or not (regs.RING_MIN_SIZE <= size <= regs.RING_MAX_SIZE)
+            or not (abi.RING_MIN_SIZE <= size <= abi.RING_MAX_SIZE)
         ):
             self._set(self.offsets.status, RingStatus.ERROR)
             self.report(ErrorCode.INVALID_ARGUMENT, self.context, 0)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import numpy.typing as npt
 
-from device.gpu.allocator import Extent, PageAllocator
+from device.gpu.memory.allocator import Extent, PageAllocator
 from device.units import PAGE_SIZE
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from device.gpu import registers as regs
-from device.gpu.interrupts import MSI_VECTORS, MSIX_VECTORS
+from device.gpu import abi
+from device.gpu.instance.interrupts import MSI_VECTORS, MSIX_VECTORS
 from device.gpu.modes import InterruptMode
 from device.pci import capabilities as caps
 from device.pci.config import Bar, BarKind, ConfigSpace
@@ -38,7 +38,7 @@ class PciFunction:
             vendor=VENDOR_ID, device=DEVICE_ID, class_code=CLASS_CODE, revision=REVISION,
             subsystem_vendor=SUBSYSTEM_VENDOR_ID, subsystem=SUBSYSTEM_ID,
         )  # fmt: skip
-        cfg.add_bar(Bar(REGISTER_BAR, regs.BAR0_SIZE))
+        cfg.add_bar(Bar(REGISTER_BAR, abi.BAR0_SIZE))
         cfg.add_bar(Bar(APERTURE_BAR, aperture_size, BarKind.MEM64, prefetchable=True))
         if interrupts is InterruptMode.MSIX:
             cfg.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE))

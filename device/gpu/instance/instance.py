@@ -2,9 +2,9 @@
 
 Region layout (vfio PCI region indexes):
   BAR0  64 KiB, 32-bit MMIO, trapped: every access is a REGION message answered by the
-        register file (``register_file.py``, table in ``registers.py``).
+        register file (``regs/file.py``, table in ``regs/table.py``).
   BAR2  the aperture, 64-bit prefetchable: device memory as ``ApertureMap`` maps it.
-        How the guest reaches it is the instance's mapping mode (``aperture.py``):
+        How the guest reaches it is the instance's mapping mode (``aperture/window.py``):
         static (QEMU maps the instance's private sealed memfd 1:1), fault (QEMU maps
         a FUSE file and each first touch asks us) or trap (every access is a message).
   BAR4  16 KiB, 32-bit MMIO: the MSI-X table (QEMU emulates it) and PBA; MSI-X only.
@@ -12,7 +12,7 @@ Region layout (vfio PCI region indexes):
 
 The parts: ``PciFunction`` (config space, FLR), ``RegisterFile`` (BAR0 values and write
 actions), ``Interrupts`` (causes and vectors), one ``Ring`` per context, the ``Engine``
-(ring commands, ``commands.py``), ``BringUpDma``, ``ResourceTable`` and the aperture
+(ring commands, ``engine/commands.py``), ``BringUpDma``, ``ResourceTable`` and the aperture
 (``ApertureMap`` plus the ``Aperture`` window).
 
 Locking: ``_lock`` guards registers, resources and ring state, taken only through
@@ -38,28 +38,24 @@ from collections.abc import Callable, Iterator
 
 from device import trace
 from device.errors import VfioUserError
-from device.gpu import inject, regions
-from device.gpu.aperture import Aperture
-from device.gpu.aperture_map import ApertureTable
-from device.gpu.bringup_dma import BringUpDma
-from device.gpu.engine import Engine
-from device.gpu.identity import PciFunction
-from device.gpu.instance_api import EventListener, InstanceApi
-from device.gpu.instance_hosts import WorkerHosts
-from device.gpu.interrupts import Interrupts
+from device.gpu import inject
+from device.gpu.abi import ErrorCode, IntBit
+from device.gpu.aperture.window import Aperture
+from device.gpu.engine.bringup_dma import BringUpDma
+from device.gpu.engine.executor import Engine
+from device.gpu.engine.rings import Ring
+from device.gpu.instance import regions
+from device.gpu.instance.api import EventListener, InstanceApi
+from device.gpu.instance.hosts import WorkerHosts
+from device.gpu.instance.identity import PciFunction
+from device.gpu.instance.interrupts import Interrupts
+from device.gpu.instance.resource_commands import ResourceCommands
+from device.gpu.memory.page_table import ApertureTable
+from device.gpu.memory.physical import PhysicalGpu
+from device.gpu.memory.resources import Resource, ResourceTable
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
-from device.gpu.physical import PhysicalGpu
-from device.gpu.register_file import DYNAMIC_OFFSETS, RegisterFile
-from device.gpu.registers import (
-    ErrorCode,
-    IntBit,
-    ReadAction,
-    Register,
-    WriteAction,
-)
-from device.gpu.resource_commands import ResourceCommands
-from device.gpu.resources import Resource, ResourceTable
-from device.gpu.rings import Ring
+from device.gpu.regs.file import DYNAMIC_OFFSETS, RegisterFile
+from device.gpu.regs.table import ReadAction, Register, WriteAction
 from device.gpu.types import MAX_CONTEXTS_PER_INSTANCE, InstanceType
 from device.units import MiB
 from device.vfio_user.dma import DmaTable

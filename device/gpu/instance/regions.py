@@ -7,9 +7,9 @@ from __future__ import annotations
 import errno
 
 from device.errors import VfioUserError
-from device.gpu import registers as regs
-from device.gpu.identity import MSIX_BAR_SIZE
-from device.gpu.interrupts import MSI_VECTORS, MSIX_VECTORS
+from device.gpu import abi
+from device.gpu.instance.identity import MSIX_BAR_SIZE
+from device.gpu.instance.interrupts import MSI_VECTORS, MSIX_VECTORS
 from device.gpu.modes import InterruptMode
 from device.vfio_user.protocol.constants import (
     PCI_NUM_REGIONS,
@@ -31,7 +31,7 @@ def device_info() -> DeviceInfo:
 def region_info(index: int, interrupts: InterruptMode, config_size: int) -> tuple[RegionInfo, None]:
     """Every region but the aperture (BAR2), which depends on the mapping mode."""
     if index == PciRegion.BAR0:
-        return RegionInfo(index, READ_WRITE, regs.BAR0_SIZE), None
+        return RegionInfo(index, READ_WRITE, abi.BAR0_SIZE), None
     if index == PciRegion.BAR4 and interrupts is InterruptMode.MSIX:
         return RegionInfo(index, READ_WRITE, MSIX_BAR_SIZE), None
     if index == PciRegion.CONFIG:

@@ -23,11 +23,11 @@ from contextlib import AbstractContextManager
 
 from device.errors import DeviceError
 from device.gpu import inject
-from device.gpu.aperture import Aperture
-from device.gpu.physical import PhysicalGpu
-from device.gpu.register_file import RegisterFile
-from device.gpu.registers import ErrorCode, ResourceCommand
-from device.gpu.resources import Resource, ResourceTable
+from device.gpu.abi import ErrorCode, ResourceCommand
+from device.gpu.aperture.window import Aperture
+from device.gpu.memory.physical import PhysicalGpu
+from device.gpu.memory.resources import Resource, ResourceTable
+from device.gpu.regs.file import RegisterFile
 from device.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)

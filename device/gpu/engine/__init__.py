@@ -1,0 +1,1 @@
+"""The engines: command rings, ring commands, the ring engine and the bring-up DMA."""

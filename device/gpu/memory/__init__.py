@@ -1,0 +1,1 @@
+"""Device memory: the shared pool, resources, residency and the GPU MMU page table."""
