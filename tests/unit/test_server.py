@@ -978,7 +978,7 @@ def test_fuzz_well_framed_messages_get_an_answer_or_silence_and_stay_in_sync(
 ) -> None:
     """Any well framed message: a reply with its id (unless it is a reply or No_reply),
     then the next request is answered correctly, and no fd outlives the session."""
-    before = open_fds()
+    before = settled_fds()  # earlier tests' garbage closed first (a full run once saw it)
     served = endpoint.clients_served
     with VfioUserClient.connect(endpoint.path) as client:
         fds = eventfds(fd_count)
@@ -992,7 +992,8 @@ def test_fuzz_well_framed_messages_get_an_answer_or_silence_and_stay_in_sync(
             assert answer.size == 16 or not answer.is_error
         assert client.read32(0, 0) == abi.ID_VALUE
     wait_served(endpoint, served + 1)
-    assert open_fds() == before
+    # A leak is an fd more than before; fewer is another test's garbage going meanwhile.
+    assert settled_fds() <= before
 
 
 @settings(
