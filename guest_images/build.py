@@ -10,7 +10,7 @@ serialised by a lock file (a second build waits, then finds the first one's work
    host's apt configuration.  Skipped for QEMU when the host's own QEMU is new enough.
 2. ``initramfs-<key>.cpio.gz``: busybox, ``/init`` (init.sh), our guest programs built
    statically with the host's gcc (the guest kernel's DRM uAPI headers on their include
-   path), our guest drivers (driver/mgpu.c, the raw helper, and driver/mgpu_drm.c, the
+   path), our guest drivers (driver/mgpu.c, the raw helper, and driver/mgpu_drm_*.c, the
    DRM driver) built inside the root against its kernel headers with its compiler, and
    the vfio modules and the modules our drivers depend on (decompressed), with a
    modules.dep, written as a newc cpio by Python.
@@ -57,7 +57,7 @@ ROOT_PACKAGES = (
     "kmod",
 )
 ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
-INITRAMFS_RECIPE = "2"  # 2: mgpu_drm.ko, its dependencies, DRM uAPI headers
+INITRAMFS_RECIPE = "3"  # 3: driver/Kbuild, debug info naming the checkout's sources
 # Shipped for vfio-pci in the guest.  Debian's kernel lacks CONFIG_VFIO_NOIOMMU, so
 # without a vIOMMU these cannot give userspace MSI-X; driver/mgpu.c does that instead.
 GUEST_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass")
@@ -386,24 +386,23 @@ class _Cpio:
 
 
 def _build_driver(root: Path, kversion: str, progress: Progress) -> dict[str, bytes]:
-    """driver/*.c built in the root (its kernel headers, its gcc): NAME.ko by NAME."""
+    """driver/ (its Kbuild, sources and headers) built in the root with its kernel
+    headers and its gcc: NAME.ko by NAME.  The build happens in a copy under the root's
+    /tmp; the debug info names the sources where they are in this checkout
+    (-fdebug-prefix-map), so gdb finds them."""
     if os.geteuid() != 0:
         raise BuildError("building the guest driver needs root (chroot into the runtime root)")
     build = Path(tempfile.mkdtemp(prefix="mgpu-driver-", dir=root / "tmp"))
     try:
-        for source in [*DRIVER.iterdir(), PROGRAMS / "mgpu_regs.h"]:
-            if source.suffix in (".c", ".h"):
+        for source in DRIVER.iterdir():
+            if source.suffix in (".c", ".h") or source.name == "Kbuild":
                 shutil.copy(source, build / source.name)
-        (build / "Kbuild").write_text(
-            "obj-m := " + " ".join(f"{name}.o" for name in DRIVER_MODULES) + "\n"
-            # mgpu_drm.h includes "drm.h", as the kernel's own uAPI headers do.
-            "ccflags-y := -I$(srctree)/include/uapi/drm\n"
-        )
         inside = f"/tmp/{build.name}"
         # objtool reads /proc: mount one in a private mount namespace, gone on exit.
         script = (
             f"mount -t proc proc {root}/proc && "
-            f"chroot {root} make -s -C /usr/src/linux-headers-{kversion} M={inside} modules"
+            f"chroot {root} make -s -C /usr/src/linux-headers-{kversion} M={inside} "
+            f"KCFLAGS=-fdebug-prefix-map={inside}={DRIVER} modules"
         )
         _run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -486,11 +485,12 @@ def _initramfs_key(root_key: str) -> str:
     parts: list[bytes | str] = [
         INITRAMFS_RECIPE,
         root_key,
+        str(DRIVER),  # the drivers' debug info names their sources here
         INIT_SCRIPT.read_bytes(),
         *GUEST_MODULES,
         *SHARE_MODULES,
     ]
-    for source in sorted([*PROGRAMS.glob("*.[ch]"), *DRIVER.glob("*.[ch]")]):
+    for source in sorted([*PROGRAMS.glob("*.[ch]"), *DRIVER.glob("*.[ch]"), DRIVER / "Kbuild"]):
         parts += [source.name, source.read_bytes()]
     return _digest(*parts)
 

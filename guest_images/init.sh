@@ -12,6 +12,8 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
+# debugfs: the DRM driver's files (/sys/kernel/debug/dri/N/{ring,bos,faults,errors}).
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo "mgpu guest: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPU(s)"
 
 cmdline_arg() {

@@ -50,6 +50,14 @@ class IntBit(enum.IntFlag):
 
 INT_VECTORS = {IntBit.FENCE: 0, IntBit.ERROR: 1, IntBit.DMA: 2, IntBit.FAULT: 3}
 
+NO_CONTEXT = 0xFFFFFFFF  # ERROR_CONTEXT of an error outside the rings (RES_COMMAND, DMA)
+
+
+class FaultFlag(enum.IntFlag):
+    """Bits of FAULT_FLAGS: how the last reported denied access was made."""
+
+    WRITE = 1 << 0
+
 
 class ResourceCommand(enum.IntEnum):
     CREATE = 1

@@ -20,9 +20,8 @@
 #include <linux/wait.h>
 
 #include "mgpu_ioctl.h"
+#include "mgpu_regs.h"
 
-#define MGPU_VENDOR 0x1234
-#define MGPU_DEVICE 0x4d47
 #define MGPU_VECTORS 4
 #define MGPU_BUFFER_SIZE (4u << 20)
 
@@ -167,7 +166,7 @@ static void mgpu_remove(struct pci_dev *pdev)
 }
 
 static const struct pci_device_id mgpu_ids[] = {
-	{ PCI_DEVICE(MGPU_VENDOR, MGPU_DEVICE) },
+	{ PCI_DEVICE(MGPU_VENDOR_ID, MGPU_DEVICE_ID) },
 	{ }
 };
 MODULE_DEVICE_TABLE(pci, mgpu_ids);

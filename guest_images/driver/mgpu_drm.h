@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * mgpu_drm.h: the user-space API of the mgpu DRM driver (driver/mgpu_drm.c).
+ * mgpu_drm.h: the user-space API of the mgpu DRM driver (driver/mgpu_drm_drv.c and its parts).
  *
  * The device (docs/registers.md) has device memory split into *resources*, a BAR2
  * aperture through which placed resources are reached by the CPU, and command rings
@@ -10,10 +10,14 @@
  *                        resource (its contents start zeroed).  DRM_IOCTL_GEM_CLOSE
  *                        (core DRM) drops the handle; the resource is destroyed when
  *                        the last reference (handle, mmap, running job) goes.
- *   CPU access           DRM_IOCTL_MGPU_BO_MMAP places the BO in the aperture (once)
- *                        and returns a fake offset for mmap(2) on the DRM fd.  Pages
+ *   CPU access           DRM_IOCTL_MGPU_BO_MMAP places the BO in the aperture and
+ *                        returns a fake offset for mmap(2) on the DRM fd.  Pages
  *                        are inserted by the driver's fault handler, write-combined,
- *                        straight onto the aperture (BAR2): no copy, no shadow.
+ *                        straight onto the aperture (BAR2): no copy, no shadow.  When
+ *                        the aperture is full (it may be smaller than the device
+ *                        memory), the least recently used BOs are taken out of it
+ *                        (their mappings are zapped, their contents kept) and placed
+ *                        again at their next touch.
  *   Submission           DRM_IOCTL_MGPU_SUBMIT copies an array of engine commands
  *                        (struct drm_mgpu_command), translates the GEM handles they
  *                        name into device handles, writes them to the ring followed by
@@ -62,6 +66,7 @@ enum drm_mgpu_param {
 	MGPU_PARAM_RESOURCE_COUNT = 5,	/* live device resources */
 	MGPU_PARAM_RESET_COUNT = 6,	/* device resets the driver did (BO contents lost) */
 	MGPU_PARAM_MAX_COMMANDS = 7,	/* most commands one DRM_IOCTL_MGPU_SUBMIT takes */
+	MGPU_PARAM_APERTURE_EVICTIONS = 8,	/* BOs taken out of a full aperture (1.1) */
 };
 
 /**
@@ -94,8 +99,8 @@ struct drm_mgpu_bo_create {
  * @handle: in, a GEM handle (-ENOENT if unknown)
  * @pad: must be 0
  * @offset: out, the fake offset to pass to mmap(2) on the DRM fd
- * @aperture_offset: out, where the BO lives in BAR2 (for debugging and tests: the
- *	offset may change after a device reset)
+ * @aperture_offset: out, where the BO lives in BAR2 now (for debugging and tests:
+ *	the offset may change after an eviction or a device reset)
  */
 struct drm_mgpu_bo_mmap {
 	__u32 handle;

@@ -21,7 +21,7 @@
 #include <unistd.h>
 #include <dirent.h>
 
-#include "mgpu_regs.h"
+#include "../driver/mgpu_regs.h"
 
 #define SYSFS "/sys/bus/pci/devices"
 

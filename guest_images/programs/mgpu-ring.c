@@ -24,7 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "mgpu_regs.h"
+#include "../driver/mgpu_regs.h"
 #include "../driver/mgpu_ioctl.h"
 
 #define RING_SIZE 65536

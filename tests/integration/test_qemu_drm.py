@@ -1,4 +1,4 @@
-"""The reference DRM driver (guest_images/driver/mgpu_drm.c) in a real guest: it binds
+"""The reference DRM driver (guest_images/driver/mgpu_drm_*.c) in a real guest: it binds
 and gets a render node, and its IGT-style test program (programs/mgpu-drm-test.c)
 passes every subtest: BOs created, mapped through the aperture, filled, copied,
 blitted and computed on, fences through syncobjs, sync_files and BO waits, every
@@ -34,9 +34,12 @@ SUBTESTS = (
     "submit_invalid",
     "faulting_command",
     "hang_reset",
+    "aperture_pressure",
+    "submit_without_fd",
     "stray_aperture_access",
     "close_frees_everything",
 )
+LAST = "unbind-with-open-bo"  # run on its own: it unbinds and binds the driver again
 KERNEL_TROUBLE = re.compile(r"WARNING:|BUG:|Oops|KASAN|general protection|Call Trace")
 
 
@@ -55,7 +58,9 @@ def test_drm_driver_passes_its_igt_style_tests(
         # The test program marks its progress in the kernel log (the serial console, where
         # a stalled run shows how far it got): no rate limit on its /dev/kmsg lines.
         vm.check("echo on > /proc/sys/kernel/printk_devkmsg")
-        status, output = vm.run("mgpu-drm-test", timeout=120)
+        names = vm.check("mgpu-drm-test --list").split()
+        assert names[-1] == LAST and len(names) == len(SUBTESTS) + 1, names
+        status, output = vm.run("mgpu-drm-test " + " ".join(names[:-1]), timeout=300)
         result = parse_results(output)
         assert status == 0, output
         failed = [name for name in SUBTESTS if result.get(f"subtest_{name}") != "pass"]
@@ -63,11 +68,12 @@ def test_drm_driver_passes_its_igt_style_tests(
         assert result["fault_fence_status"] == str(-errno.EIO), result
         assert result["hang_fence_status"] == str(-errno.ETIMEDOUT), result
         assert result["stray_read"] == "0xffffffff", result  # the report policy's answer
+        assert int(result["aperture_evictions"]) >= 1, result
+        assert result["submit_without_fd"] == str(-errno.EMFILE), result
         figures["drm_submit_to_syncobj_us"] = float(result["submit_to_syncobj_us"])
         figures["drm_hang_to_reset_ms"] = float(result["hang_to_reset_ms"])
 
-        # The driver's own account, in debugfs.
-        vm.check("mount -t debugfs debugfs /sys/kernel/debug")
+        # The driver's own account, in debugfs (which /init mounts).
         dri = "$(dirname $(ls /sys/kernel/debug/dri/*/ring | head -1))"
         ring = vm.check(f"cat {dri}/ring")
         assert "timeouts 1 resets 1" in ring, ring
@@ -93,6 +99,16 @@ def test_drm_driver_passes_its_igt_style_tests(
         assert any(r.offset == stray for r in log.of("reported")), log.counters
         assert log.count("served") > 0, log.counters
         assert device.engine.commands_executed > 0
+        assert not device.resources.resources, device.resources.resources
+
+        # Unbinding under an open BO and mapping, then closing them, touches no register
+        # of a device that is gone (a use after unplug would oops), and binding again works.
+        status, output = vm.run(f"mgpu-drm-test {LAST}", timeout=120)
+        assert status == 0 and parse_results(output)["subtest_unbind_with_open_bo"] == "pass", (
+            output
+        )
+        dmesg = vm.check("dmesg")
+        assert not KERNEL_TROUBLE.search(dmesg), dmesg
         assert not device.resources.resources, device.resources.resources
 
         # Unbinding is clean, and the raw helper driver still binds afterwards.

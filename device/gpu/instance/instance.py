@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from device import trace
 from device.errors import VfioUserError
 from device.gpu import inject
-from device.gpu.abi import ErrorCode, IntBit
+from device.gpu.abi import NO_CONTEXT, ErrorCode, FaultFlag, IntBit
 from device.gpu.aperture.window import Aperture
 from device.gpu.engine.bringup_dma import BringUpDma
 from device.gpu.engine.executor import Engine
@@ -69,7 +69,6 @@ from device.vfio_user.protocol.messages import DeviceInfo, IrqInfo, RegionInfo
 log = logging.getLogger(__name__)
 
 DEFAULT_APERTURE_SIZE = 256 * MiB
-NO_CONTEXT = 0xFFFFFFFF
 # How long destruction waits for a worker to finish its current job.  Nothing it does
 # can block once message DMA is cancelled, so this is a bound on one command's work.
 STOP_TIMEOUT = 30.0
@@ -406,5 +405,5 @@ class GpuInstance(InstanceApi, WorkerHosts):
         with self._locked():
             self.registers.set64("FAULT_OFFSET", offset)
             self.registers.set("FAULT_COUNT", self.registers.get("FAULT_COUNT") + 1)
-            self.registers.set("FAULT_FLAGS", 1 if write else 0)
+            self.registers.set("FAULT_FLAGS", FaultFlag.WRITE if write else 0)
             self.interrupts.raise_cause(IntBit.FAULT)
