@@ -8,4 +8,6 @@ case "${1:-}" in
     *) bash "$here/scripts/provision_host.sh" >&2 ;;
 esac
 [ -x "$here/.venv/bin/python" ] || bash "$here/scripts/provision_host.sh" >&2
+# This checkout's code, whichever directory we are run from.
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 exec "$here/.venv/bin/python" -m device.harness.launch "$@"

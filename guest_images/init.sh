@@ -4,6 +4,8 @@
 #                   "MGPU-DONE rc=N", power off
 #   mgpu.agent=1    serve commands from the host on /dev/ttyS1 (see device/harness/vm.py)
 #   mgpu.share=1    mount the host's shared directory (9p, tag mgpushare) at /mnt/share
+#   mgpu.kmsg=1     copy the kernel log (/dev/kmsg) to /dev/ttyS2 as it is written, so
+#                   the host has all of it even if this guest hangs or dies
 #   otherwise       an interactive shell on the console; power off when it exits
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -22,6 +24,11 @@ cmdline_arg() {
     done
 }
 
+if [ "$(cmdline_arg mgpu.kmsg)" = 1 ]; then
+    stty -F /dev/ttyS2 raw -echo 115200 2>/dev/null
+    cat /dev/kmsg > /dev/ttyS2 2>/dev/null &
+fi
+
 # mgpu.share=1: the host directory of run_qemu.sh --share DIR (virtio-9p, mount tag
 # mgpushare) at /mnt/share.  modprobe fails harmlessly where 9p is built in.
 if [ "$(cmdline_arg mgpu.share)" = 1 ]; then
@@ -35,14 +42,16 @@ fi
 run_test() {
     case "$1" in
         boot) echo "MGPU-RESULT kernel=$(uname -r)" ;;
-        probe) mgpu-probe find && for bdf in $(mgpu-probe find | sed -n 's/^MGPU-RESULT bdf=//p'); do
+        probe) mgpu-probe find && for bdf in $(mgpu-probe find 2>/dev/null); do
                    mgpu-probe info "$bdf"; done ;;
         *) echo "unknown guest test '$1'" >&2; return 2 ;;
     esac
 }
 
 # The host sends "<id> <command>" lines; each answer is framed by BEGIN/END markers so
-# that kernel messages or partial output can never be mistaken for a result.
+# that kernel messages or partial output can never be mistaken for a result.  The
+# output streams as the command writes it (a host that gives up waiting still has
+# what was printed so far).
 agent() {
     tty=/dev/ttyS1
     stty -F $tty raw -echo 115200
@@ -51,9 +60,10 @@ agent() {
     while IFS= read -r line <&3; do
         id=${line%% *}
         command=${line#* }
-        output=$(sh -c "$command" 2>&1 </dev/null)
+        printf '@@MGPU-BEGIN %s\n' "$id" >&3
+        sh -c "$command" >&3 2>&1 </dev/null
         rc=$?
-        printf '@@MGPU-BEGIN %s\n%s\n@@MGPU-END %s %d\n' "$id" "$output" "$id" "$rc" >&3
+        printf '\n@@MGPU-END %s %d\n' "$id" "$rc" >&3
     done
 }
 

@@ -7,8 +7,15 @@ and stops the server (by PID) when QEMU exits, whatever the reason.
 The edit-build-load loop: ``--share DIR`` mounts a host directory at /mnt/share in
 the guest, ``--kernel``/``--modules`` boot a kernel of one's own, ``--gdb`` opens
 QEMU's gdbstub, and ``--run CMD`` boots, runs one guest command through the guest
-agent (``GuestVM``), prints its output, keeps the logs (the guest's kernel log
-included) and exits with the command's status.
+agent (``GuestVM``), prints its output and exits with the command's status.
+
+Every run has a directory (``/tmp/mgpu-run-*``) with its sockets and logs: the
+server's, QEMU's, the serial console and the guest's whole kernel log.  It is removed
+when the run went well, and kept (its path printed) when it did not: QEMU died or
+exited non-zero, the server failed, the command failed or timed out.  A guest reset
+(QMP ``system_reset``) reboots the guest.  The default denied-access policy is
+``report``, so a stray aperture access is reported to the guest driver instead of
+killing the VM; ``--denied sigbus`` kills it as hardware would, and then says so.
 """
 
 from __future__ import annotations
@@ -24,158 +31,35 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
-from device.gpu.types import DEFAULT_TYPES
-from device.harness.vm import GUEST_SHARE, GuestError, GuestVM, probe_kvm, qemu_command
+from device.harness.launch_options import (
+    DEFAULT_RUN_TIMEOUT,
+    DENIAL_LOG,
+    build_parser,
+    check_args,
+)
+from device.harness.qemu import exit_description, format_kmsg, probe_kvm, qemu_command
+from device.harness.vm import GUEST_SHARE, GuestError, GuestTimeout, GuestVM
 from guest_images import BuildError, Runtime, ensure_runtime
 from guest_images.overlay import initrd_with_modules
-
-DEFAULT_GDB_PORT = 1234
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_qemu.sh",
-        description="Boot a Linux guest in QEMU with mgpu GPU instances attached. The guest's "
-        "serial console is this terminal (Ctrl-A X quits QEMU; 'exit' in the guest shell "
-        "powers it off). Inside the guest, 'mgpu-probe find' lists the GPUs.",
-    )
-    parser.add_argument(
-        "--instances", type=int, default=1, metavar="N", help="GPU instances to attach (default: 1)"
-    )
-    parser.add_argument(
-        "--type",
-        default="mgpu-256",
-        choices=[t.name for t in DEFAULT_TYPES],
-        help="instance type (default: mgpu-256)",
-    )
-    parser.add_argument(
-        "--interrupts",
-        type=InterruptMode,
-        default=InterruptMode.MSIX,
-        choices=list(InterruptMode),
-        help="msix (default) or msi; use msi for instances you will "
-        "hot-unplug (QEMU 11.1.3 aborts unplugging MSI-X vfio-user devices)",
-    )
-    parser.add_argument(
-        "--mapping",
-        type=MappingMode,
-        default=MappingMode.FAULT,
-        choices=list(MappingMode),
-        help="aperture mapping mode: fault (default: pages validated and translated at "
-        "their first touch; trap where FUSE cannot be mounted), trap or static (see "
-        "'python -m device serve --help')",
-    )
-    parser.add_argument(
-        "--denied",
-        type=DeniedPolicy,
-        default=DeniedPolicy.SIGBUS,
-        choices=list(DeniedPolicy),
-        help="denied-access policy for the fault and trap modes",
-    )
-    parser.add_argument(
-        "--memory", type=int, default=1024, metavar="MB", help="guest RAM in MiB (default: 1024)"
-    )
-    parser.add_argument(
-        "--kvm",
-        action="store_true",
-        help="use KVM if a probe boot under KVM succeeds (otherwise TCG)",
-    )
-    parser.add_argument(
-        "--qmp",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="QMP socket path (default: in the run's temporary directory)",
-    )
-    parser.add_argument(
-        "--append",
-        default="quiet",
-        metavar="ARGS",
-        help="guest kernel command line additions (default: quiet; "
-        "use --append '' for the kernel's boot messages)",
-    )
-    loop = parser.add_argument_group("the edit-build-load loop")
-    loop.add_argument(
-        "--share",
-        type=Path,
-        metavar="DIR",
-        help=f"mount the host directory DIR in the guest at {GUEST_SHARE} (9p, read-write): "
-        "build a module on the host ('python -m guest_images kbuild DIR'), then 'insmod "
-        f"{GUEST_SHARE}/NAME.ko' in the guest",
-    )
-    loop.add_argument(
-        "--kernel",
-        type=Path,
-        metavar="IMAGE",
-        help="boot this kernel (a bzImage) instead of the runtime's; the configuration it "
-        "needs is in docs/guest-kernel.md",
-    )
-    loop.add_argument(
-        "--modules",
-        type=Path,
-        metavar="DIR",
-        help="add these kernel modules to the initramfs (DIR/lib/modules/RELEASE as left by "
-        "'make modules_install INSTALL_MOD_PATH=DIR', or a lib/modules/RELEASE directory): "
-        "'modprobe NAME' then works in the guest",
-    )
-    loop.add_argument(
-        "--gdb",
-        type=int,
-        nargs="?",
-        const=DEFAULT_GDB_PORT,
-        metavar="PORT",
-        help=f"open QEMU's gdbstub on 127.0.0.1:PORT (default {DEFAULT_GDB_PORT}) and boot "
-        "with nokaslr; then: gdb vmlinux -ex 'target remote :PORT'",
-    )
-    loop.add_argument(
-        "--gdb-wait",
-        action="store_true",
-        help="with --gdb: the CPUs start stopped (QEMU -S) until gdb continues ('c')",
-    )
-    loop.add_argument(
-        "--run",
-        metavar="CMD",
-        help="boot, run CMD (one shell line) in the guest, print its output and exit with "
-        "its status; the guest's kernel log and the other logs are kept (paths printed)",
-    )
-    loop.add_argument(
-        "--timeout",
-        type=float,
-        default=600,
-        metavar="SECONDS",
-        help="with --run: how long CMD may take (default 600); exit status 124 after it",
-    )
-    loop.add_argument(
-        "--log-dir",
-        type=Path,
-        metavar="DIR",
-        help="with --run: copy the logs here (default: they stay in the run's directory)",
-    )
-    return parser
-
-
-def check_args(args: argparse.Namespace) -> str | None:
-    """What is wrong with the arguments, or None."""
-    if args.instances < 1:
-        return "--instances must be at least 1"
-    if args.share is not None and not args.share.is_dir():
-        return f"--share {args.share}: not a directory"
-    if args.kernel is not None and not args.kernel.is_file():
-        return f"--kernel {args.kernel}: no such file"
-    if args.modules is not None and not args.modules.is_dir():
-        return f"--modules {args.modules}: not a directory"
-    if args.gdb_wait and args.gdb is None:
-        return "--gdb-wait needs --gdb"
-    if args.run is not None and "\n" in args.run:
-        return "--run takes one line (join commands with ; or &&)"
-    if args.log_dir is not None and args.run is None:
-        return "--log-dir goes with --run"
-    return None
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def tool(name: str) -> str:
+    """How to call one of our console scripts (``mgpu``, ``qmp-shell``): its name when it
+    is on PATH, else its path in the venv that runs us."""
+    if shutil.which(name):
+        return name
+    return str(Path(sys.executable).parent / name)
+
+
+def denials(server_log: Path) -> list[str]:
+    """The server's log lines about denied accesses that killed a VM."""
+    with contextlib.suppress(OSError):
+        return [ln for ln in server_log.read_text().splitlines() if DENIAL_LOG in ln]
+    return []
 
 
 @contextlib.contextmanager
@@ -186,21 +70,10 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
     server_log = workdir / "server.log"
     control_path = workdir / "control.sock"
     serve = [
-        sys.executable,
-        "-m",
-        "device",
-        "serve",
-        "--type",
-        args.type,
-        "--interrupts",
-        args.interrupts.value,
-        "--mapping",
-        args.mapping.value,
-        "--denied",
-        args.denied.value,
-        "--control",
-        str(control_path),
-    ]
+        sys.executable, "-m", "device", "serve", "--type", args.type,
+        "--interrupts", args.interrupts.value, "--mapping", args.mapping.value,
+        "--denied", args.denied.value, "--control", str(control_path),
+    ]  # fmt: skip
     for path in sockets:
         serve += ["--socket", str(path)]
     server: subprocess.Popen[str] | None = None
@@ -218,7 +91,13 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
                 )
         progress(
             f"mgpu: GPU control socket {control_path} "
-            f"(MGPU_CONTROL={control_path} mgpu list; qmp-shell {control_path})"
+            f"(MGPU_CONTROL={control_path} {tool('mgpu')} list; "
+            f"{tool('qmp-shell')} {control_path})"
+        )
+        names = ", ".join(f"gpu{n} is PCI slot {n + 1}" for n in range(len(sockets)))
+        progress(
+            f"mgpu: in the guest, {names} ('mgpu-probe find' shows each one's address, "
+            "driver and /dev/dri node)"
         )
         yield sockets
     finally:
@@ -236,6 +115,38 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
             )
 
 
+def report_qemu_death(status: int, workdir: Path) -> None:
+    """Say how QEMU ended, when it was not a clean exit, and which access killed it."""
+    progress(f"run_qemu.sh: QEMU {exit_description(status)}")
+    for line in denials(workdir / "server.log"):
+        progress(f"run_qemu.sh: the GPU server says: {line}")
+    (workdir / ".keep").touch()
+
+
+def choose_accel(args: argparse.Namespace, runtime: Runtime, workdir: Path) -> str:
+    if args.kvm:
+        if probe_kvm(runtime, workdir / "kvm-probe"):
+            return "kvm"
+        progress("KVM probe boot failed here (nested KVM cannot run real guests); using TCG")
+    return "tcg"
+
+
+def announce(args: argparse.Namespace, runtime: Runtime, accel: str) -> None:
+    progress(
+        f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts.value}, "
+        f"denied accesses: {args.denied.value}), QEMU {runtime.qemu_version} "
+        f"under {accel.upper()}"
+    )
+    if args.share is not None:
+        progress(f"mgpu: {args.share.resolve()} is {GUEST_SHARE} in the guest")
+    if args.gdb is not None:
+        progress(
+            f"mgpu: gdbstub on 127.0.0.1:{args.gdb}"
+            + (" (CPUs stopped until gdb continues)" if args.gdb_wait else "")
+            + f"; gdb vmlinux -ex 'target remote :{args.gdb}'"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problem = check_args(args)
@@ -248,44 +159,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_qemu.sh: cannot build the guest runtime: {exc}", file=sys.stderr)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-run-"))
-    keep = args.run is not None and args.log_dir is None
     try:
-        accel = "tcg"
-        if args.kvm:
-            if probe_kvm(runtime, workdir / "kvm-probe"):
-                accel = "kvm"
-            else:
-                progress(
-                    "KVM probe boot failed here (nested KVM cannot run real guests); using TCG"
-                )
+        accel = choose_accel(args, runtime, workdir)
         with gpu_server(args, workdir) as sockets:
-            progress(
-                f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts.value}), QEMU "
-                f"{runtime.qemu_version} under {accel.upper()}"
-            )
-            if args.share is not None:
-                progress(f"mgpu: {args.share.resolve()} is {GUEST_SHARE} in the guest")
-            if args.gdb is not None:
-                progress(
-                    f"mgpu: gdbstub on 127.0.0.1:{args.gdb}"
-                    + (" (CPUs stopped until gdb continues)" if args.gdb_wait else "")
-                    + f"; gdb vmlinux -ex 'target remote :{args.gdb}'"
-                )
+            announce(args, runtime, accel)
             if args.run is not None:
-                return run_once(args, runtime, accel, sockets, workdir)
-            return interactive(args, runtime, accel, sockets, workdir)
+                status = run_once(args, runtime, accel, sockets, workdir)
+            else:
+                status = interactive(args, runtime, accel, sockets, workdir)
+        if status != 0:
+            (workdir / ".keep").touch()
+        return status
     except GuestError as exc:
-        keep = True
+        (workdir / ".keep").touch()
         print(f"run_qemu.sh: {exc}", file=sys.stderr)
         return 1
     finally:
         for sock in workdir.glob("*.sock"):
             sock.unlink()
-        if keep or (workdir / ".keep").exists():
+        if args.qmp is not None:
+            with contextlib.suppress(OSError):
+                args.qmp.unlink()
+        if (workdir / ".keep").exists():
             progress(f"mgpu: logs kept in {workdir}")
         else:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kernel_cmdline(args: argparse.Namespace) -> str:
+    """The guest kernel's command line additions: the user's, and the policy the GPUs are
+    served with (mgpu-drm-test skips its stray access under sigbus)."""
+    return f"mgpu.denied={args.denied.value} {args.append}".strip()
 
 
 def interactive(
@@ -296,13 +200,15 @@ def interactive(
     initrd = None
     if args.modules is not None:
         initrd = initrd_with_modules(runtime.initrd, args.modules, workdir / "initrd.img")
+    kmsg = workdir / "kmsg.log"
     command = qemu_command(
         runtime,
         memory_mb=args.memory,
         accel=accel,
         vfio_user_sockets=sockets,
-        append=args.append,
-        serial=["mon:stdio"],
+        append=f"mgpu.kmsg=1 {kernel_cmdline(args)}",
+        # ttyS0 the console, ttyS1 (the agent's port) unused, ttyS2 the kernel log.
+        serial=["mon:stdio", "null", f"file:{kmsg}"],
         kernel=args.kernel.resolve() if args.kernel else None,
         initrd=initrd,
         share=args.share.resolve() if args.share else None,
@@ -323,6 +229,13 @@ def interactive(
         status = subprocess.call(command)
     finally:
         signal.signal(signal.SIGINT, previous)
+    with contextlib.suppress(OSError):
+        (workdir / "kernel.log").write_text(format_kmsg(kmsg.read_text(errors="replace")))
+    if status < 0:
+        if sys.stdin.isatty():
+            subprocess.call(["stty", "sane"])  # QEMU had the terminal raw when it died
+        report_qemu_death(status, workdir)
+        return 128 - status
     progress(f"mgpu: QEMU exited with status {status}")
     return status
 
@@ -331,45 +244,55 @@ def run_once(
     args: argparse.Namespace, runtime: Runtime, accel: str, sockets: list[Path], workdir: Path
 ) -> int:
     """Boot, run ``args.run`` through the guest agent, print its output; its status."""
+    timeout = args.timeout if args.timeout is not None else DEFAULT_RUN_TIMEOUT
     vm = GuestVM(
         runtime,
         workdir,
         vfio_user_sockets=sockets,
         memory_mb=args.memory,
         accel=accel,
-        cmdline_extra=args.append,
+        cmdline_extra=kernel_cmdline(args),
         share=args.share,
         kernel=args.kernel,
         modules=args.modules,
         gdb_port=args.gdb,
         gdb_wait=args.gdb_wait,
         boot_timeout=3600 if args.gdb_wait else 180,
+        qmp_path=args.qmp,
     )
-    kernel_log = workdir / "kernel.log"
     status = 1
+    died: int | None = None  # QEMU's status if it ended before we stopped it
     with vm:
         (workdir / "qemu-command.txt").write_text(" ".join(vm.command_line()) + "\n")
         try:
             vm.start()
-            progress(f"mgpu: guest up in {vm.boot_seconds:.1f} s; running: {args.run}")
-            status, output = vm.run(args.run, timeout=args.timeout)
+            progress(f"mgpu: guest up in {vm.boot_seconds:.1f} s; QMP socket {vm.qmp_path}")
+            progress(f"mgpu: running: {args.run}")
+            status, output = vm.run(args.run, timeout=timeout)
             sys.stdout.write(output + ("\n" if output else ""))
-            sys.stdout.flush()
+        except GuestTimeout as exc:
+            status = 124
+            sys.stdout.write(exc.output)  # what the command printed before the timeout
+            progress(f"run_qemu.sh: timed out after {timeout:g} s: {args.run}")
         except GuestError as exc:
-            timed_out = "timed out" in str(exc)
-            status = 124 if timed_out else 1
-            progress(f"run_qemu.sh: {'timed out: ' if timed_out else ''}{exc}")
+            status = 1
+            progress(f"run_qemu.sh: {exc}")
         finally:
-            kernel_log.write_text(vm.kernel_log())
-            if vm.process is not None and vm.process.poll() is None:
-                vm.quit(timeout=30)
+            sys.stdout.flush()
+            died = vm.process.poll() if vm.process is not None else None
+            vm.close()  # the guest has nothing to save: stop QEMU at once
+            (workdir / "kernel.log").write_text(vm.kernel_log())
+    if died is not None and died != 0:
+        report_qemu_death(died, workdir)
+    logs = workdir
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
         for name in ("kernel.log", "serial.log", "qemu.log", "server.log", "qemu-command.txt"):
             if (workdir / name).exists():
                 shutil.copy(workdir / name, args.log_dir / name)
-        kernel_log = args.log_dir / "kernel.log"
-    progress(f"mgpu: guest kernel log saved to {kernel_log}")
+        logs = args.log_dir
+    if status != 0 or args.log_dir is not None:
+        progress(f"mgpu: guest kernel log saved to {logs / 'kernel.log'}")
     progress(f"mgpu: guest command exited with status {status}")
     return status
 

@@ -58,7 +58,7 @@ from device.gpu.aperture.fault_log import FaultLog, FaultRecord
 from device.gpu.instance.instance import GpuInstance
 from device.gpu.memory.physical import PhysicalGpu
 from device.harness.vm import GUEST_SHARE, GuestVM
-from guest_images import Runtime, ensure_runtime
+from guest_images import Runtime, ensure_runtime, parse_bdfs
 from guest_images.kbuild import kbuild
 
 __all__ = [
@@ -137,8 +137,7 @@ class Guest(GuestVM):
         status, output = self.run("mgpu-probe find")
         if status:
             return []
-        prefix = "MGPU-RESULT bdf="
-        return [ln[len(prefix) :] for ln in output.splitlines() if ln.startswith(prefix)]
+        return parse_bdfs(output)
 
 
 class _TestState:

@@ -5,14 +5,20 @@ its sockets are removed on exit.  QMP goes through ``qemu.qmp`` (QEMU listens on
 socket we serve, as QEMU's own ``QEMUMachine`` does).  Commands run in the guest
 through the agent that ``/init`` starts on the second serial port: each command's
 output comes back framed by BEGIN/END markers with its exit status.
+
+Serial ports: ttyS0 is the console (a file, or the terminal), ttyS1 the agent, ttyS2
+the kernel log: ``/init`` copies /dev/kmsg there as it is written, so the whole log
+is on the host even when the guest hangs, is busy or dies (``kernel_log``).
+
+A guest reset (QMP ``system_reset``, a reboot, a panic) reboots the guest; the agent
+announces itself again and ``wait_for_reboot`` waits for that.  ``reboot=False``
+gives QEMU's ``-no-reboot`` (a reset powers off) for whoever needs the old behaviour.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -25,8 +31,8 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from device.errors import MgpuError
+from device.harness.qemu import exit_description, format_kmsg, qemu_command, vfio_user_device
 from guest_images import Runtime
-from guest_images.build import SHARE_TAG
 from guest_images.overlay import initrd_with_modules
 
 BOOT_TIMEOUT = 120.0
@@ -37,86 +43,15 @@ class GuestError(MgpuError):
     """The guest or QEMU misbehaved; the message carries the serial log's tail."""
 
 
-def vfio_user_device(dev_id: str, bus: str, socket_path: Path) -> dict[str, Any]:
-    return {
-        "driver": "vfio-user-pci",
-        "id": dev_id,
-        "bus": bus,
-        "socket": {"type": "unix", "path": str(socket_path)},
-    }
+class GuestTimeout(GuestError):
+    """A guest command did not finish in time; ``output`` is what it printed so far."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
 
 
-def qemu_command(
-    runtime: Runtime,
-    *,
-    memory_mb: int = 512,
-    accel: str = "tcg",
-    vfio_user_sockets: Sequence[Path] = (),
-    spare_root_ports: int = 2,
-    shared_ram: bool = True,
-    append: str = "",
-    serial: Sequence[str] = (),
-    extra_args: Sequence[str] = (),
-    kernel: Path | None = None,
-    initrd: Path | None = None,
-    share: Path | None = None,
-    gdb_port: int | None = None,
-    gdb_wait: bool = False,
-) -> list[str]:
-    """QEMU's argv: q35, our kernel and initramfs, one root port per GPU plus spares.
-
-    ``kernel``/``initrd`` replace the runtime's; ``share`` is a host directory the
-    guest's /init mounts at /mnt/share (9p); ``gdb_port`` opens QEMU's gdbstub on
-    127.0.0.1 (``gdb_wait``: the CPUs wait for the debugger's first continue)."""
-    if share is not None:
-        append = f"mgpu.share=1 {append}"
-    if gdb_port is not None:
-        append = f"nokaslr {append}"  # so vmlinux symbols match the running kernel
-    argv = [
-        *runtime.qemu_argv,
-        "-machine",
-        f"q35,accel={accel}",
-        "-m",
-        str(memory_mb),
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        str(kernel or runtime.kernel),
-        "-initrd",
-        str(initrd or runtime.initrd),
-        "-append",
-        f"console=ttyS0 panic=-1 {append}".strip(),
-    ]
-    if accel == "tcg":
-        argv += ["-cpu", "max"]
-    if shared_ram:
-        # fd-backed, shared guest RAM: DMA_MAP then comes with fds the server can mmap.
-        argv += [
-            "-object",
-            f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
-            "-machine",
-            "memory-backend=mem",
-        ]
-    for spec in serial:
-        argv += ["-serial", spec]
-    if share is not None:
-        # security_model=none: the guest sees the host's owners and modes as they are.
-        argv += [
-            "-fsdev",
-            f"local,id=share,path={share},security_model=none",
-            "-device",
-            f"virtio-9p-pci,fsdev=share,mount_tag={SHARE_TAG}",
-        ]
-    if gdb_port is not None:
-        argv += ["-gdb", f"tcp:127.0.0.1:{gdb_port}", *(["-S"] if gdb_wait else [])]
-    ports = len(vfio_user_sockets) + spare_root_ports
-    for n in range(ports):
-        argv += ["-device", f"pcie-root-port,id=rp{n},chassis={n + 1},slot={n + 1},bus=pcie.0"]
-    for n, path in enumerate(vfio_user_sockets):
-        argv += ["-device", json.dumps(vfio_user_device(f"gpu{n}", f"rp{n}", path))]
-    return [*argv, *extra_args]
+READY = b"@@MGPU-READY\n"
 
 
 class GuestVM:
@@ -138,6 +73,8 @@ class GuestVM:
         modules: Path | None = None,
         gdb_port: int | None = None,
         gdb_wait: bool = False,
+        qmp_path: Path | None = None,
+        reboot: bool = True,
     ) -> None:
         self.runtime = runtime
         self.workdir = Path(workdir)
@@ -154,11 +91,13 @@ class GuestVM:
         self.modules = Path(modules).resolve() if modules is not None else None
         self.gdb_port = gdb_port
         self.gdb_wait = gdb_wait
+        self.reboot = reboot
         # With ``modules``: our initramfs with them appended, written by start().
         self.initrd = self.workdir / "initrd-with-modules.img" if modules is not None else None
         self.serial_log = self.workdir / "serial.log"
         self.qemu_log = self.workdir / "qemu.log"
-        self.qmp_path = self.workdir / "qmp.sock"
+        self.kmsg_log = self.workdir / "kmsg.log"  # ttyS2: /dev/kmsg as the guest writes it
+        self.qmp_path = Path(qmp_path) if qmp_path is not None else self.workdir / "qmp.sock"
         self.agent_path = self.workdir / "agent.sock"
         self.process: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
@@ -177,11 +116,12 @@ class GuestVM:
         return self._qmp
 
     def command_line(self) -> list[str]:
-        # ttyS0 (console) goes to a file; ttyS1 is the agent's port, a socket we connect to.
-        serial = [f"file:{self.serial_log}"]
+        # ttyS0 (console) goes to a file; ttyS1 is the agent's port, a socket we connect
+        # to; ttyS2 gets the kernel log.
+        serial = [f"file:{self.serial_log}", "chardev:agent" if self.agent else "null"]
+        serial.append(f"file:{self.kmsg_log}")
         agent_args: list[str] = []
         if self.agent:
-            serial.append("chardev:agent")
             agent_args = ["-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off"]
         return qemu_command(
             self.runtime,
@@ -189,8 +129,9 @@ class GuestVM:
             accel=self.accel,
             vfio_user_sockets=self.vfio_user_sockets,
             shared_ram=self.shared_ram,
-            append=f"{'mgpu.agent=1 ' if self.agent else ''}{self.cmdline_extra}",
+            append=f"{'mgpu.agent=1 ' if self.agent else ''}mgpu.kmsg=1 {self.cmdline_extra}",
             serial=serial,
+            reboot=self.reboot,
             kernel=self.kernel,
             initrd=self.initrd,
             share=self.share,
@@ -227,8 +168,15 @@ class GuestVM:
         if not self.agent:
             return
         self._connect_agent(started + self.boot_timeout)
-        self._wait_for(b"@@MGPU-READY\n", started + self.boot_timeout)
+        self._wait_for(READY, started + self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
+
+    def wait_for_reboot(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """After a guest reset (QMP ``system_reset``, a reboot): wait until the agent of
+        the new boot is up; returns the seconds that took."""
+        started = time.monotonic()
+        self._wait_for(READY, started + timeout)
+        return time.monotonic() - started
 
     def _connect_agent(self, deadline: float) -> None:
         while True:
@@ -247,7 +195,7 @@ class GuestVM:
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             raise GuestError(
-                f"QEMU exited with status {self.process.returncode}\n{self.diagnostics()}"
+                f"QEMU {exit_description(self.process.returncode)}\n{self.diagnostics()}"
             )
 
     def diagnostics(self) -> str:
@@ -295,15 +243,23 @@ class GuestVM:
     # ------------------------------------------------------------------ guest agent
 
     def _wait_for(self, marker: bytes, deadline: float) -> bytes:
-        """Read agent output until ``marker``; returns everything before it."""
+        """Read agent output until ``marker``; returns everything before it.  A new
+        boot's READY while waiting for something else means the guest rebooted."""
         if self._agent is None:
             raise GuestError("no guest agent: GuestVM(agent=True) and start() first")
         while marker not in self._agent_buffer:
+            if marker != READY and READY in self._agent_buffer:
+                self._agent_buffer = self._agent_buffer.partition(READY)[2]
+                raise GuestError(
+                    "the guest rebooted (a reset, or a kernel panic: see the kernel log "
+                    f"{self.kmsg_log}); after system_reset call wait_for_reboot()"
+                )
             self._check_alive()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GuestError(
-                    f"timed out waiting for {marker!r} from the guest agent\n{self.diagnostics()}"
+                raise GuestTimeout(
+                    f"timed out waiting for {marker!r} from the guest agent\n{self.diagnostics()}",
+                    self._agent_buffer.decode(errors="replace"),
                 )
             self._agent.settimeout(min(left, 1.0))
             try:
@@ -326,11 +282,16 @@ class GuestVM:
         self._next_id += 1
         self._agent.sendall(f"{ident} {command}\n".encode())
         deadline = time.monotonic() + timeout
-        self._wait_for(f"@@MGPU-BEGIN {ident}\n".encode(), deadline)
-        output = self._wait_for(f"@@MGPU-END {ident} ".encode(), deadline)
-        status = self._wait_for(b"\n", deadline)
-        text = output.decode(errors="replace")
-        return int(status), text[:-1] if text.endswith("\n") else text
+        try:
+            self._wait_for(f"@@MGPU-BEGIN {ident}\n".encode(), deadline)
+            output = self._wait_for(f"@@MGPU-END {ident} ".encode(), deadline)
+            status = self._wait_for(b"\n", deadline)
+        except GuestTimeout as exc:
+            raise GuestTimeout(
+                f"guest command {command!r} did not finish in {timeout:g} s", exc.output
+            ) from None
+        # As $(...) would: no trailing newlines (the agent adds one before END).
+        return int(status), output.decode(errors="replace").rstrip("\n")
 
     def check(self, command: str, timeout: float = 60) -> str:
         status, output = self.run(command, timeout)
@@ -343,11 +304,14 @@ class GuestVM:
         return self.check("dmesg", timeout)
 
     def kernel_log(self) -> str:
-        """The kernel log: ``dmesg`` if the guest still answers, else the serial console
-        (which has the kernel's messages up to where the guest stopped)."""
-        if self._agent is not None and self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(GuestError, OSError):
-                return self.dmesg()
+        """The whole kernel log, as dmesg prints it, every boot of this VM included: the
+        copy of /dev/kmsg ``/init`` streams to the host, which needs no answer from the
+        guest (a busy, hung or dead one too).  Before /init has started it (or with
+        another /init), the serial console's messages."""
+        with contextlib.suppress(OSError):
+            text = format_kmsg(self.kmsg_log.read_text(errors="replace"))
+            if text:
+                return text
         try:
             return self.serial_log.read_text(errors="replace")
         except OSError:
@@ -379,28 +343,3 @@ class GuestVM:
     def hot_plug(self, dev_id: str, bus: str, socket_path: Path) -> None:
         """device_add a vfio-user GPU on a (hotplug-capable) PCIe root port."""
         self.qmp.cmd("device_add", **vfio_user_device(dev_id, bus, socket_path))
-
-
-def probe_kvm(runtime: Runtime, workdir: Path | None = None, timeout: float = 20) -> bool:
-    """Does a real guest boot under KVM here?  (Nested KVM on these VMs often cannot: it
-    hangs or stops with an internal error.)  A TCG boot takes about 4 s, so a KVM boot
-    that has not finished in ``timeout`` seconds counts as a failure."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    del workdir  # kept for callers that pass one: the probe boot writes no files
-    argv = qemu_command(
-        runtime,
-        memory_mb=256,
-        accel="kvm",
-        append="mgpu.test=boot",
-        serial=["stdio"],
-        spare_root_ports=0,
-        shared_ram=False,
-    )
-    try:
-        out = subprocess.run(
-            argv, capture_output=True, timeout=timeout, text=True, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    return re.search(r"MGPU-DONE rc=0", out.stdout) is not None

@@ -115,6 +115,59 @@ static uint32_t pattern_word(uint32_t seed, uint64_t i)
     return seed ^ (uint32_t)(i * 2654435761u);
 }
 
+/* The PCI slot a device sits in (its root port's), or "" (sysfs: slots/N/address). */
+static void slot_of(const char *bdf, char *slot, size_t size)
+{
+    DIR *dir = opendir("/sys/bus/pci/slots");
+    struct dirent *entry;
+    slot[0] = 0;
+    while (dir && (entry = readdir(dir))) {
+        char path[300], address[64] = "";
+        if (entry->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "/sys/bus/pci/slots/%s/address", entry->d_name);
+        FILE *f = fopen(path, "r");
+        if (f && fgets(address, sizeof(address), f)) {
+            address[strcspn(address, "\n")] = 0;
+            /* "0000:01:00" names the slot's device; the BDF adds ".function". */
+            if (*address && !strncmp(bdf, address, strlen(address)))
+                snprintf(slot, size, "%.200s", entry->d_name);
+        }
+        if (f)
+            fclose(f);
+    }
+    if (dir)
+        closedir(dir);
+}
+
+/* One line for people, on stderr: which instance, which driver, which DRM node. */
+static void describe(const char *bdf)
+{
+    char path[300], link[300], slot[300], node[300] = "";
+    const char *driver = "no driver (modprobe mgpu_drm, or mgpu)";
+    snprintf(path, sizeof(path), SYSFS "/%s/driver", bdf);
+    ssize_t n = readlink(path, link, sizeof(link) - 1);
+    if (n > 0) {
+        link[n] = 0;
+        driver = strrchr(link, '/') + 1;
+    }
+    snprintf(path, sizeof(path), SYSFS "/%s/drm", bdf);
+    DIR *dir = opendir(path);
+    struct dirent *entry;
+    while (dir && (entry = readdir(dir)))
+        if (!strncmp(entry->d_name, "renderD", 7))
+            snprintf(node, sizeof(node), ", /dev/dri/%.200s", entry->d_name);
+    if (dir)
+        closedir(dir);
+    slot_of(bdf, slot, sizeof(slot));
+    fprintf(stderr, "mgpu-probe: %s: mgpu GPU", bdf);
+    if (*slot)
+        fprintf(stderr, " in PCI slot %s (run_qemu.sh's gpu%d)", slot, atoi(slot) - 1);
+    fprintf(stderr, ", driver %s%s\n", driver, node);
+}
+
+/* One BDF per line on stdout (mgpu-probe info $(mgpu-probe find) works), details on
+ * stderr. */
 static int cmd_find(void)
 {
     DIR *dir = opendir(SYSFS);
@@ -127,7 +180,9 @@ static int cmd_find(void)
             continue;
         if (read_hex_file(entry->d_name, "vendor") == MGPU_VENDOR_ID &&
             read_hex_file(entry->d_name, "device") == MGPU_DEVICE_ID) {
-            printf("MGPU-RESULT bdf=%s\n", entry->d_name);
+            printf("%s\n", entry->d_name);
+            fflush(stdout);
+            describe(entry->d_name);
             found++;
         }
     }

@@ -23,7 +23,7 @@ from device.control.qmp import ControlServer
 from device.gpu import abi
 from device.gpu.regs import table as regs
 from device.harness.vm import GuestVM
-from guest_images import Runtime, parse_results, pattern_bytes
+from guest_images import Runtime, parse_bdfs, parse_results, pattern_bytes
 
 pytestmark = pytest.mark.qemu
 DEVICE_RESET = regs.BY_NAME["DEVICE_RESET"].offset
@@ -79,7 +79,7 @@ def test_guest_driver_sees_injected_faults_and_recovers(
             with GuestVM(runtime, short_tmp, vfio_user_sockets=[Path(served["socket"])]) as vm:
                 vm.start()
                 assert client.cmd("query-instances")[0]["client_connected"]  # type: ignore[index]
-                (bdf,) = [v for k, v in parse_results(vm.check("mgpu-probe find")).items()]
+                (bdf,) = parse_bdfs(vm.check("mgpu-probe find"))
                 vm.check("modprobe mgpu")
                 # Surprise removal: the device fell off the bus, reads are all ones.
                 inject("surprise-removal")

@@ -16,7 +16,7 @@ from device.gpu.modes import DeniedPolicy, MappingMode
 from device.gpu.regs import table as regs
 from device.harness.vm import GuestError, GuestVM
 from device.vfio_user.protocol.constants import PciRegion
-from guest_images import Runtime, parse_results, pattern_bytes
+from guest_images import Runtime, parse_bdfs, parse_results, pattern_bytes
 from tests.integration.conftest import CreateInstance
 
 pytestmark = pytest.mark.qemu
@@ -36,7 +36,7 @@ def bdf_of(vm: GuestVM, device: GpuInstance, tag: int) -> str:
     device.region_write(PciRegion.BAR0, SCRATCH, tag.to_bytes(4, "little"))
     status, output = vm.run("mgpu-probe find")
     assert status == 0, output
-    for bdf in (line.split("=", 1)[1] for line in output.splitlines()):
+    for bdf in parse_bdfs(output):
         if read32(vm, bdf, 0, SCRATCH) == tag:
             return bdf
     raise AssertionError(f"no device with tag {tag:#x}")

@@ -20,7 +20,7 @@ from device.gpu.modes import InterruptMode
 from device.harness.pytest_plugin import CreateGuest
 from device.harness.vm import GuestVM
 from device.vfio_user.protocol.constants import PciRegion
-from guest_images import Runtime, parse_results, pattern_bytes
+from guest_images import Runtime, parse_bdfs, parse_results, pattern_bytes
 from tests.helpers import wait_until
 from tests.integration.conftest import CreateInstance
 
@@ -29,15 +29,7 @@ pytestmark = pytest.mark.qemu
 
 def find_gpus(vm: GuestVM) -> list[str]:
     status, output = vm.run("mgpu-probe find")
-    return (
-        []
-        if status
-        else [
-            line.split("=", 1)[1]
-            for line in output.splitlines()
-            if line.startswith("MGPU-RESULT bdf=")
-        ]
-    )
+    return [] if status else parse_bdfs(output)
 
 
 def wait_for_gpu_count(vm: GuestVM, count: int, timeout: float = 60.0) -> float:

@@ -68,7 +68,7 @@ def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime, kvm: bool) 
         assert proc.stdin is not None
         proc.stdin.write(b"mgpu-probe find\n")
         proc.stdin.flush()
-        read_until(proc, r"(MGPU-RESULT bdf=\S+\s+){2}", seen)
+        read_until(proc, r"(mgpu-probe: \S+: mgpu GPU in PCI slot \d.*\s+){2}", seen)
         proc.stdin.write(b"exit\n")
         proc.stdin.flush()
         assert proc.wait(60) == 0

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from device.gpu.aperture.fault_log import FaultLog
-from device.harness.launch import build_parser, check_args, main
+from device.harness.launch import main
+from device.harness.launch_options import build_parser, check_args
 from device.harness.pytest_plugin import FaultCursor, kernel_problems
-from device.harness.vm import qemu_command
+from device.harness.qemu import qemu_command
 from guest_images import Runtime
 from guest_images.build import _Cpio
 from guest_images.overlay import _cpio_files, initrd_with_modules

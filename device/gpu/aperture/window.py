@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +56,8 @@ from device.gpu.memory.physical import PhysicalGpu
 from device.gpu.memory.resources import Resource
 from device.gpu.modes import DeniedPolicy, MappingMode
 from device.units import PAGE_SIZE
+
+log = logging.getLogger(__name__)
 
 DUMMY = "dummy"  # ``served`` for a page answered by the denied-access policy
 Served = Entry | str | None
@@ -179,7 +182,13 @@ class Aperture:
         """The denied-access policy for one page (lock held)."""
         data = self._denied(page * PAGE_SIZE, length, write=False)
         if data is None:
-            return errno.EIO  # the toucher gets SIGBUS (QEMU: the VM dies)
+            # The toucher gets SIGBUS: QEMU, and the VM, die.  Say so where a person looks.
+            log.error(
+                "%s: denied aperture access at offset %#x (a page that maps no resource), "
+                "policy %s: QEMU gets SIGBUS and the VM dies; serve with --denied report "
+                "(or dummy) to keep it alive", self.name, page * PAGE_SIZE, self.policy.value,
+            )  # fmt: skip
+            return errno.EIO
         self.served[page] = DUMMY  # its writebacks are dropped, whatever is mapped later
         return data
 
