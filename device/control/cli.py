@@ -202,10 +202,22 @@ def create_instances(
     return 0
 
 
+def check_sockets(args: argparse.Namespace) -> str | None:
+    """What is wrong with the socket paths asked for, before anything is created."""
+    if not args.socket and args.control is None:
+        return "nothing to serve: give --socket PATH (repeatable) or --control PATH"
+    for path in [*args.socket, *([args.control] if args.control is not None else [])]:
+        problem = ctl.socket_path_problem(path)
+        if problem:
+            return f"cannot serve on {path}: {problem}"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     sockets: list[Path] = args.socket
-    if not sockets and args.control is None:
-        log.error("nothing to serve: give --socket PATH (repeatable) or --control PATH")
+    problem = check_sockets(args)
+    if problem:
+        log.error("%s", problem)
         return 2
     names = (
         [args.name]

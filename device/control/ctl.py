@@ -6,14 +6,18 @@ socket (``mgpu serve --control PATH``) with ``qemu.qmp``'s own client.
 
 Each prints a table for people, or the command's JSON with ``--json``.  The socket
 comes from ``--control`` or ``$MGPU_CONTROL``.  Errors the server answers with are
-printed as ``mgpu: CLASS: desc`` and exit 1.
+printed as ``mgpu: CLASS: desc`` and exit 1; so are a socket that is not a control
+socket (no QMP greeting in ``GREETING_TIMEOUT`` seconds: an instance's vfio-user
+socket, say) and a server that goes away while a command or ``--follow`` waits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -29,12 +33,56 @@ from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 
 CONTROL_ENV = "MGPU_CONTROL"
 FAULT_EVENTS = ("FAULT", "ACCESS_DENIED", "REVOKED", "EVICTED")
+UNIX_PATH_MAX = 107  # bytes in a unix socket path, as the kernel allows
+GREETING_TIMEOUT = 5.0  # a control socket greets at once; anything else never does
+LIVENESS_INTERVAL = 1.0  # --follow: how often an idle wait checks the server is there
+
+
+class NotAControlSocket(Exception):
+    """The socket answers, but not as a QMP control socket does."""
+
+
+def socket_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a unix socket cannot be made at ``path`` before anyone tries, or None."""
+    size = len(os.fsencode(os.path.abspath(path)))
+    if size > UNIX_PATH_MAX:
+        return (
+            f"the socket path {path} is {size} bytes long; the kernel allows "
+            f"{UNIX_PATH_MAX}: choose a shorter one"
+        )
+    return None
+
+
+def check_greeting(path: str, timeout: float = GREETING_TIMEOUT) -> None:
+    """Connect once and read the QMP greeting, so that a socket that never sends one
+    (an instance's vfio-user socket) is an error, not a hang.  OSError if nobody
+    listens; NotAControlSocket if what answers is not QMP."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        data = b""
+        try:
+            while b"\n" not in data and len(data) < 4096:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+    if not data.lstrip().startswith(b'{"QMP"'):
+        what = f"it sent {data[:40]!r}" if data else f"no greeting in {timeout:g} s"
+        raise NotAControlSocket(
+            f"{path} is not a control socket ({what}): is it a GPU instance's vfio-user "
+            "socket? The control socket is the one 'mgpu serve --control PATH' serves "
+            "(run_qemu.sh prints it: .../control.sock)"
+        )
 
 
 class Client:
     """A synchronous control-socket client (``qemu.qmp.legacy``)."""
 
     def __init__(self, path: str) -> None:
+        check_greeting(path)
         self.qmp = QEMUMonitorProtocol(path)
         self.qmp.connect()
 
@@ -85,6 +133,9 @@ def cmd_list(client: Client, args: argparse.Namespace) -> Any:
 
 
 def cmd_start(client: Client, args: argparse.Namespace) -> Any:
+    problem = args.socket and socket_path_problem(args.socket)
+    if problem:
+        raise ValueError(problem)
     name = args.uuid or str(uuid.uuid4())
     result = client.call(
         "instance-add", name=name, type=args.type, socket=args.socket, mapping=args.mapping,
@@ -117,10 +168,15 @@ def cmd_faults(client: Client, args: argparse.Namespace) -> Any:
 
 
 def follow_events(client: Client, args: argparse.Namespace, names: Sequence[str]) -> None:
-    """Print events as they come, until interrupted (or ``--limit`` of them)."""
+    """Print events as they come, until interrupted, ``--limit`` of them, or the server
+    goes away (an idle wait asks it for its version every LIVENESS_INTERVAL)."""
     seen = 0
     while args.limit is None or seen < args.limit:
-        message = client.qmp.pull_event(wait=True)
+        try:
+            message = client.qmp.pull_event(wait=LIVENESS_INTERVAL)
+        except TimeoutError:
+            client.call("query-version")  # raises once the server has closed the socket
+            continue
         if message is None or message.get("event") not in names:
             continue
         data = message.get("data", {})
@@ -162,7 +218,7 @@ def _detail(record: dict[str, Any]) -> str:
 def cmd_inject(client: Client, args: argparse.Namespace) -> Any:
     if args.fault == "clear":
         result = client.call("inject-clear", name=args.name, fault=args.which)
-        return result, f"cleared {', '.join(result['cleared']) or 'nothing'}"
+        return result, f"cleared {', '.join(result['cleared']) or 'nothing (none was armed)'}"
     params = {p: getattr(args, p) for p in _fault_params()}
     result = client.call("inject-fault", name=args.name, fault=args.fault, **params)
     return result, f"injected {args.fault} into {args.name}: " + json.dumps(result)
@@ -287,7 +343,10 @@ def run(args: argparse.Namespace, func: Command) -> int:
         return 2
     try:
         client = Client(args.control)
-    except (QMPError, OSError) as exc:
+    except NotAControlSocket as exc:
+        print(f"mgpu: {exc}", file=sys.stderr)
+        return 1
+    except (QMPError, OSError, EOFError) as exc:
         print(f"mgpu: cannot connect to {args.control}: {exc}", file=sys.stderr)
         return 1
     try:
@@ -295,10 +354,22 @@ def run(args: argparse.Namespace, func: Command) -> int:
     except ExecuteError as exc:
         print(f"mgpu: {exc.error_class}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # refused here, before asking the server
+        print(f"mgpu: {exc}", file=sys.stderr)
+        return 2
+    except (QMPError, OSError, EOFError) as exc:
+        # ExecuteError aside, qemu.qmp reports a closed connection in several ways.
+        detail = f" ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
+        print(
+            f"mgpu: the server closed the control socket {args.control}: it stopped{detail}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        client.close()
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            client.close()
     if outcome is not None:
         emit(args, *outcome)
     return 0

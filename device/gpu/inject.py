@@ -158,6 +158,7 @@ class Faults:
         self.removed = False
         self._hang_released = threading.Event()
         self._hang_dropped = False
+        self._hanging = 0  # ring commands held by an engine hang now
         self.history: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- arming
@@ -177,12 +178,15 @@ class Faults:
         return checked
 
     def clear(self, fault: str | None = None) -> list[str]:
-        """Disarm one fault or all; the names disarmed.  A hung command runs on."""
+        """Disarm one fault or all; the names disarmed, or released (a hung command runs
+        on: its engine-hang is cleared too, though no longer armed)."""
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
         with self.lock:
             names = [fault] if fault is not None else list(self.armed)
             gone = [n for n in names if self.armed.pop(n, None) is not None]
+            if fault in (None, "engine-hang") and self._hanging and "engine-hang" not in gone:
+                gone.append("engine-hang")
             self._refresh()
         if fault in (None, "engine-hang"):
             self._hang_released.set()
@@ -217,7 +221,11 @@ class Faults:
         """Before a ring command (``engine_armed``): hang, or raise an injected ring
         error.  False: the command was hung and a reset dropped it."""
         if self._use_hang():
+            with self.lock:
+                self._hanging += 1
             self._hang_released.wait()
+            with self.lock:
+                self._hanging -= 1
             return not self._hang_dropped
         counted = self._use("ring-error")
         if counted is not None:

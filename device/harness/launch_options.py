@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from device.control.ctl import socket_path_problem
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.types import DEFAULT_TYPES
 from device.harness.vm import GUEST_SHARE
 
 DEFAULT_GDB_PORT = 1234
 DEFAULT_RUN_TIMEOUT = 600.0
-UNIX_PATH_MAX = 107  # bytes of a unix socket path, as the kernel allows
 # What the GPU server logs when a denied access kills the VM (device/gpu/aperture/window.py).
 DENIAL_LOG = "denied aperture access"
 
@@ -164,11 +163,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--timeout goes with --run (an interactive guest runs until you exit it)"
     if args.timeout is not None and args.timeout <= 0:
         return "--timeout must be more than 0 seconds"
-    if args.qmp is not None and len(os.fsencode(args.qmp.resolve())) > UNIX_PATH_MAX:
-        return (
-            f"--qmp {args.qmp}: a unix socket path is at most {UNIX_PATH_MAX} bytes; "
-            "choose a shorter one"
-        )
+    if args.qmp is not None and socket_path_problem(args.qmp):
+        return f"--qmp: {socket_path_problem(args.qmp)}"
     if args.qmp is not None and not args.qmp.parent.is_dir():
         return f"--qmp {args.qmp}: directory {args.qmp.parent} does not exist"
     return None

@@ -290,3 +290,61 @@ def test_mdevctl_style_commands_over_the_control_socket(serve: Serve, workdir: P
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(30) == 0
     assert not control.exists()
+
+
+# ---------------------------------------------------------------------- the client, told the truth
+
+
+def mgpu_client(*args: str, control: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*CLI, *args, "--control", str(control)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_an_instance_socket_given_as_control_socket_is_named_not_waited_on(
+    serve: Serve, workdir: Path
+) -> None:
+    gpu = workdir / "gpu0.sock"
+    proc = serve("--socket", str(gpu))
+    assert read_line(proc) == f"ready {gpu}"
+    done = subprocess.run(
+        [*CLI, "list", "--control", str(gpu)], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"{gpu} is not a control socket" in done.stderr, done.stderr
+    assert "vfio-user" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [("top", "--interval", "0.1"), ("faults", "--follow")], ids=["top", "follow"]
+)
+def test_a_client_waiting_on_a_server_that_stops_says_so_and_exits(
+    serve: Serve, workdir: Path, command: tuple[str, ...]
+) -> None:
+    control = workdir / "control.sock"
+    server = serve("--control", str(control))
+    assert read_line(server) == f"control {control}"
+    client = mgpu_client(*command, control=control)
+    try:
+        read_line(client)  # the first table line: connected and running
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(30) == 0
+        _out, err = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 1, err
+    assert b"the server closed the control socket" in err and b"Traceback" not in err, err
+
+
+def test_a_socket_path_too_long_for_the_kernel_is_refused_with_its_length(
+    workdir: Path,
+) -> None:
+    long_path = workdir / ("x" * 120) / "gpu.sock"
+    (workdir / ("x" * 120)).mkdir()
+    result = run_cli("serve", "--socket", str(long_path))
+    assert result.returncode == 2
+    assert "the kernel allows 107" in result.stderr and "None" not in result.stderr

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from device.gpu.aperture.fault_log import FaultLog
+from device.gpu.modes import DeniedPolicy
 from device.harness.launch import main
 from device.harness.launch_options import build_parser, check_args
 from device.harness.pytest_plugin import FaultCursor, kernel_problems
-from device.harness.qemu import qemu_command
-from guest_images import Runtime
+from device.harness.qemu import exit_description, format_kmsg, qemu_command
+from guest_images import Runtime, parse_bdfs
 from guest_images.build import _Cpio
 from guest_images.overlay import _cpio_files, initrd_with_modules
 
@@ -29,6 +30,8 @@ def test_share_and_gdb_reach_qemu_and_the_kernel_command_line(tmp_path: Path) ->
     assert "mgpu.share=1" in append and "nokaslr" in append
     plain = qemu_command(RUNTIME)
     assert "-gdb" not in plain and "-S" not in plain and "-fsdev" not in plain
+    # A guest reset reboots the guest, unless asked for QEMU's old -no-reboot.
+    assert "-no-reboot" not in plain and "-no-reboot" in qemu_command(RUNTIME, reboot=False)
     own = qemu_command(RUNTIME, kernel=Path("/mine/bzImage"), initrd=Path("/mine/initrd"))
     assert own[own.index("-kernel") + 1] == "/mine/bzImage"
     assert own[own.index("-initrd") + 1] == "/mine/initrd"
@@ -89,3 +92,38 @@ def test_kernel_problems_and_fault_cursor() -> None:
     faults.add("served", 0x4000, 4096)
     assert [(r.kind, r.offset) for r in cursor.new("denied")] == [("denied", 0x3000)]
     assert cursor.new() == []
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
+    parse = build_parser().parse_args
+    assert "--timeout goes with --run" in str(check_args(parse(["--timeout", "5"])))
+    assert check_args(parse(["--run", "true", "--timeout", "5"])) is None
+    too_long = tmp_path / ("q" * 120) / "qmp.sock"
+    assert "the kernel allows 107" in str(check_args(parse(["--qmp", str(too_long)])))
+    # The README's flow must not kill the VM: a stray access is reported by default.
+    assert parse([]).denied is DeniedPolicy.REPORT
+
+
+def test_how_qemu_ended_in_words_and_the_kernel_log_as_dmesg_prints_it() -> None:
+    assert exit_description(0) == "exited with status 0"
+    assert "killed by SIGBUS" in exit_description(-7) and "sigbus" in exit_description(-7)
+    assert exit_description(-9) == "was killed by SIGKILL"
+    raw = (
+        "6,1,0,-;Linux version 7.3.4\n"
+        " SUBSYSTEM=pci\n"
+        "4,2,1500000,-;mgpu_drm 0000:01:00.0: aperture fault\n"
+        "6,3,12"  # cut by a reset
+    )
+    assert format_kmsg(raw) == (
+        "[    0.000000] Linux version 7.3.4\n[    1.500000] mgpu_drm 0000:01:00.0: aperture fault\n"
+    )
+
+
+def test_mgpu_probe_find_output_gives_bdfs_that_info_takes() -> None:
+    output = (
+        "0000:01:00.0\n"
+        "mgpu-probe: 0000:01:00.0: mgpu GPU in PCI slot 1 (run_qemu.sh's gpu0), driver "
+        "mgpu_drm, /dev/dri/renderD128\n"
+        "0000:02:00.0\n"
+    )
+    assert parse_bdfs(output) == ["0000:01:00.0", "0000:02:00.0"]
