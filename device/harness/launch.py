@@ -276,6 +276,7 @@ def run_once(
             progress(f"run_qemu.sh: timed out after {timeout:g} s: {args.run}")
         except GuestError as exc:
             status = 1
+            sys.stdout.write(exc.output)  # what the command printed before it happened
             progress(f"run_qemu.sh: {exc}")
         finally:
             sys.stdout.flush()

@@ -40,15 +40,16 @@ GUEST_SHARE = "/mnt/share"  # where /init mounts the host directory of ``share``
 
 
 class GuestError(MgpuError):
-    """The guest or QEMU misbehaved; the message carries the serial log's tail."""
-
-
-class GuestTimeout(GuestError):
-    """A guest command did not finish in time; ``output`` is what it printed so far."""
+    """The guest or QEMU misbehaved; the message carries the serial log's tail, and
+    ``output`` what a guest command had printed when it happened (if one was running)."""
 
     def __init__(self, message: str, output: str = "") -> None:
         super().__init__(message)
         self.output = output
+
+
+class GuestTimeout(GuestError):
+    """A guest command did not finish in time; ``output`` is what it printed so far."""
 
 
 READY = b"@@MGPU-READY\n"
@@ -290,6 +291,9 @@ class GuestVM:
             raise GuestTimeout(
                 f"guest command {command!r} did not finish in {timeout:g} s", exc.output
             ) from None
+        except GuestError as exc:  # QEMU died, the guest rebooted: keep what it printed
+            exc.output = exc.output or self._agent_buffer.decode(errors="replace")
+            raise
         # As $(...) would: no trailing newlines (the agent adds one before END).
         return int(status), output.decode(errors="replace").rstrip("\n")
 

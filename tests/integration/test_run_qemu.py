@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -78,3 +79,33 @@ def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime, kvm: bool) 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_vm_killed_by_a_denied_access_is_named_and_its_logs_kept(runtime: Runtime) -> None:
+    """--denied sigbus, chosen explicitly: mgpu-drm-test skips its stray access, and a
+    deliberate one kills QEMU; run_qemu.sh says so, with the server's line naming the
+    instance, the aperture offset and the policy, and keeps the run's logs."""
+    command = (
+        "modprobe mgpu_drm && mgpu-drm-test stray-aperture-access && "
+        "mgpu-probe read $(mgpu-probe find 2>/dev/null) 2 0x3000"
+    )
+    run = subprocess.run(
+        [str(ROOT / "run_qemu.sh"), "--denied", "sigbus", "--run", command],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert "MGPU-RESULT stray_read=skipped" in run.stdout, run.stdout  # printed before it died
+    assert "run_qemu.sh: QEMU was killed by SIGBUS" in run.stderr, run.stderr
+    said = re.search(
+        r"the GPU server says: .*gpu0: denied aperture access at offset (\S+) .*policy sigbus",
+        run.stderr,
+    )
+    assert said and said.group(1) == "0x3000", run.stderr
+    kept = re.search(r"logs kept in (\S+)", run.stderr)
+    assert kept, run.stderr
+    workdir = Path(kept.group(1))
+    try:
+        assert "denied aperture access at offset 0x3000" in (workdir / "server.log").read_text()
+        assert "Linux version" in (workdir / "kernel.log").read_text()
+    finally:
+        shutil.rmtree(workdir)
