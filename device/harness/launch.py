@@ -89,6 +89,9 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
                 raise GuestError(
                     f"the GPU server did not start; its log:\n{server_log.read_text()}"
                 )
+        for line in server_log.read_text().splitlines():
+            if " WARNING " in line or " ERROR " in line:  # e.g. no FUSE: trap mode instead
+                progress(f"mgpu: the GPU server says: {line}")
         progress(
             f"mgpu: GPU control socket {control_path} "
             f"(MGPU_CONTROL={control_path} {tool('mgpu')} list; "

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -115,36 +116,42 @@ static uint32_t pattern_word(uint32_t seed, uint64_t i)
     return seed ^ (uint32_t)(i * 2654435761u);
 }
 
-/* The PCI slot a device sits in (its root port's), or "" (sysfs: slots/N/address). */
-static void slot_of(const char *bdf, char *slot, size_t size)
+/*
+ * The physical slot number of the PCIe port above a device (its Slot Capabilities,
+ * bits 31:19: QEMU's pcie-root-port slot=N), or -1.  run_qemu.sh puts gpuN in slot N+1.
+ */
+static int slot_of(const char *bdf)
 {
-    DIR *dir = opendir("/sys/bus/pci/slots");
-    struct dirent *entry;
-    slot[0] = 0;
-    while (dir && (entry = readdir(dir))) {
-        char path[300], address[64] = "";
-        if (entry->d_name[0] == '.')
-            continue;
-        snprintf(path, sizeof(path), "/sys/bus/pci/slots/%s/address", entry->d_name);
-        FILE *f = fopen(path, "r");
-        if (f && fgets(address, sizeof(address), f)) {
-            address[strcspn(address, "\n")] = 0;
-            /* "0000:01:00" names the slot's device; the BDF adds ".function". */
-            if (*address && !strncmp(bdf, address, strlen(address)))
-                snprintf(slot, size, "%.200s", entry->d_name);
+    char path[300], real[PATH_MAX], *port;
+    uint8_t config[256];
+    snprintf(path, sizeof(path), SYSFS "/%s", bdf);
+    if (!realpath(path, real) || !(port = strrchr(real, '/')))
+        return -1;
+    *port = 0;  /* the parent directory: the port's own sysfs directory */
+    snprintf(path, sizeof(path), "%.280s/config", real);
+    int fd = open(path, O_RDONLY);
+    ssize_t got = fd < 0 ? -1 : pread(fd, config, sizeof(config), 0);
+    if (fd >= 0)
+        close(fd);
+    if (got < (ssize_t)sizeof(config))
+        return -1;
+    int guard = 0;
+    for (uint8_t ptr = config[0x34] & ~3; ptr && ptr < 0xe8 && guard < 48;
+         ptr = config[ptr + 1] & ~3, guard++) {
+        if (config[ptr] == 0x10) {  /* PCI Express */
+            uint32_t slot_caps;
+            memcpy(&slot_caps, config + ptr + 0x14, 4);
+            return (int)(slot_caps >> 19);
         }
-        if (f)
-            fclose(f);
     }
-    if (dir)
-        closedir(dir);
+    return -1;
 }
 
 /* One line for people, on stderr: which instance, which driver, which DRM node. */
 static void describe(const char *bdf)
 {
-    char path[300], link[300], slot[300], node[300] = "";
-    const char *driver = "no driver (modprobe mgpu_drm, or mgpu)";
+    char path[300], link[300], node[300] = "";
+    const char *driver = "none bound (modprobe mgpu_drm, or mgpu)";
     snprintf(path, sizeof(path), SYSFS "/%s/driver", bdf);
     ssize_t n = readlink(path, link, sizeof(link) - 1);
     if (n > 0) {
@@ -159,10 +166,10 @@ static void describe(const char *bdf)
             snprintf(node, sizeof(node), ", /dev/dri/%.200s", entry->d_name);
     if (dir)
         closedir(dir);
-    slot_of(bdf, slot, sizeof(slot));
+    int slot = slot_of(bdf);
     fprintf(stderr, "mgpu-probe: %s: mgpu GPU", bdf);
-    if (*slot)
-        fprintf(stderr, " in PCI slot %s (run_qemu.sh's gpu%d)", slot, atoi(slot) - 1);
+    if (slot > 0)
+        fprintf(stderr, " in PCI slot %d (run_qemu.sh's gpu%d)", slot, slot - 1);
     fprintf(stderr, ", driver %s%s\n", driver, node);
 }
 

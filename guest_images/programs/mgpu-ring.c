@@ -109,6 +109,10 @@ int main(int argc, char **argv)
     memset(buffer + DST_AT, 0, 4096);
     *(volatile uint64_t *)(buffer + FENCE_AT) = 0;
 
+    /* Whatever a previous driver left (mgpu_drm masks everything when it unbinds): the
+     * causes we wait for unmasked, stale ones acknowledged. */
+    wr(MGPU_REG_INT_ACK, 0xffffffff);
+    wr(MGPU_REG_INT_MASK, 0);
     uint32_t a = create(4096), b = create(4096), rx = create(COUNT * 4), ry = create(COUNT * 4);
     wr(MGPU_REG_CTX0_RING_CONTROL, 0);
     wr(MGPU_REG_CTX0_RING_BASE_LO, (uint32_t)info.bus_address);
