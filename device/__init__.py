@@ -3,8 +3,9 @@
 The layers, bottom up.  Imports only go down: a module imports from its own layer or
 the ones below it, never above.
 
-    harness/      guest harness: boot QEMU with instances attached (vm, launch =
-                  run_qemu.sh), the pytest plugin driver projects use
+    harness/      guest harness: QEMU's command line (qemu), a guest driven through QMP
+                  and its agent (vm), run_qemu.sh (launch, its options in
+                  launch_options), the pytest plugin driver projects use
                   (pytest_plugin) and a reference Python driver (driver) for tests
     control/      control plane: GpuServer (create and destroy instances at run time,
                   events, manager), the command table (commands: the single source

@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "programs"
 DRIVER = HERE / "driver"
 INIT_SCRIPT = HERE / "init.sh"
+GDB_SYMBOLS_SCRIPT = HERE / "gdb-symbols.sh"  # /bin/mgpu-gdb-symbols in the guest
 
 SUITE = "trixie"
 # linux-headers and make let us build the guest driver (driver/mgpu.c) inside the root
@@ -487,12 +488,18 @@ def _initramfs_key(root_key: str) -> str:
         root_key,
         str(DRIVER),  # the drivers' debug info names their sources here
         INIT_SCRIPT.read_bytes(),
+        GDB_SYMBOLS_SCRIPT.read_bytes(),
         *GUEST_MODULES,
         *SHARE_MODULES,
     ]
     for source in sorted([*PROGRAMS.glob("*.[ch]"), *DRIVER.glob("*.[ch]"), DRIVER / "Kbuild"]):
         parts += [source.name, source.read_bytes()]
     return _digest(*parts)
+
+
+def driver_modules_dir(initramfs: Path) -> Path:
+    """Where the .ko files of our drivers in ``initramfs`` are kept on the host."""
+    return initramfs.with_name(initramfs.name.removesuffix(".cpio.gz") + "-modules")
 
 
 def build_initramfs(root: Path, progress: Progress) -> Path:
@@ -533,11 +540,18 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
         if applet != "bin/busybox" and applet.count("/") <= 2:
             archive.symlink(applet, "/bin/busybox")
     archive.file("init", INIT_SCRIPT.read_bytes())
+    archive.file("bin/mgpu-gdb-symbols", GDB_SYMBOLS_SCRIPT.read_bytes())
     with tempfile.TemporaryDirectory(prefix="mgpu-programs-") as out:
         for binary in _compile_programs(Path(out), progress, _uapi_flags(root, kversion)):
             archive.file(f"bin/{binary.name}", binary.read_bytes())
     directories = {f"lib/modules/{kversion}"}
-    modules = _module_files(root, kversion, _build_driver(root, kversion, progress))
+    ours = _build_driver(root, kversion, progress)
+    # Our drivers with their debug info, for gdb: add-symbol-file <dir>/mgpu_drm.ko ...
+    debug_modules = driver_modules_dir(target)
+    debug_modules.mkdir(exist_ok=True)
+    for name, data in ours.items():
+        (debug_modules / f"{name}.ko").write_bytes(data)
+    modules = _module_files(root, kversion, ours)
     for path, data in modules.items():
         full = f"lib/modules/{kversion}/{path}"
         parent = full.rsplit("/", 1)[0]

@@ -6,9 +6,11 @@ runs ``make -C /usr/src/linux-headers-<guest kernel> M=DIR TARGET...`` (default 
 ``modules``) inside the runtime root (its kernel headers and the compiler the guest
 kernel was built with), with DIR bind-mounted into the root in a private mount
 namespace, so the build's output (``*.ko``, ``*.o``, ``Module.symvers``) lands in DIR
-itself and nothing stays mounted afterwards.  DIR holds a ``Kbuild`` or ``Makefile``
-as for any out-of-tree module (``obj-m := hello.o``).  Load the result in the guest
-through ``run_qemu.sh --share DIR`` (``insmod /mnt/share/hello.ko``).
+itself and nothing stays mounted afterwards.  The debug info names the sources in DIR
+(``-fdebug-prefix-map``), not the temporary mount point, so gdb finds them.  DIR
+holds a ``Kbuild`` or ``Makefile`` as for any out-of-tree module (``obj-m := hello.o``).
+Load the result in the guest through ``run_qemu.sh --share DIR`` (``insmod
+/mnt/share/hello.ko``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def kbuild(
         script = (
             f"mount -t proc proc {root}/proc && mount --bind {source} {mountpoint} && "
             f"chroot {root} make -C /usr/src/linux-headers-{kversion} M={inside} "
-            + " ".join(targets)
+            f"KCFLAGS=-fdebug-prefix-map={inside}={source} " + " ".join(targets)
         )
         try:
             _run(

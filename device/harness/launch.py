@@ -40,6 +40,8 @@ from device.harness.launch_options import (
 from device.harness.qemu import exit_description, format_kmsg, probe_kvm, qemu_command
 from device.harness.vm import GUEST_SHARE, GuestError, GuestTimeout, GuestVM
 from guest_images import BuildError, Runtime, ensure_runtime
+from guest_images.build import driver_modules_dir
+from guest_images.debug import ensure_vmlinux
 from guest_images.overlay import initrd_with_modules
 
 
@@ -134,6 +136,22 @@ def choose_accel(args: argparse.Namespace, runtime: Runtime, workdir: Path) -> s
     return "tcg"
 
 
+def write_gdbinit(args: argparse.Namespace, runtime: Runtime, workdir: Path) -> Path:
+    """A gdb script for this run: the kernel's symbols (the runtime's vmlinux, unless
+    --kernel), the stub, and the --share directory as gdb's working directory, so the
+    ``add-symbol-file NAME.ko ...`` that ``mgpu-gdb-symbols NAME`` prints in the guest
+    finds the module's .ko (whose debug info names its sources there)."""
+    lines = ["set pagination off", "set confirm off"]
+    if args.kernel is None:
+        lines.append(f"file {ensure_vmlinux(progress)}")
+    if args.share is not None:
+        lines.append(f"cd {args.share.resolve()}")
+    lines.append(f"target remote 127.0.0.1:{args.gdb}")
+    path = workdir / "gdbinit"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def announce(args: argparse.Namespace, runtime: Runtime, accel: str) -> None:
     progress(
         f"mgpu: {args.instances} x {args.type} GPU ({args.interrupts.value}, "
@@ -146,7 +164,9 @@ def announce(args: argparse.Namespace, runtime: Runtime, accel: str) -> None:
         progress(
             f"mgpu: gdbstub on 127.0.0.1:{args.gdb}"
             + (" (CPUs stopped until gdb continues)" if args.gdb_wait else "")
-            + f"; gdb vmlinux -ex 'target remote :{args.gdb}'"
+            + f"; gdb -x {args.gdbinit}  (a module's symbols: 'mgpu-gdb-symbols NAME' in the "
+            "guest prints the add-symbol-file command to paste into gdb"
+            + (f"; ours are in {driver_modules_dir(runtime.initrd)})" if not args.kernel else ")")
         )
 
 
@@ -164,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-run-"))
     try:
         accel = choose_accel(args, runtime, workdir)
+        if args.gdb is not None:
+            args.gdbinit = write_gdbinit(args, runtime, workdir)
         with gpu_server(args, workdir) as sockets:
             announce(args, runtime, accel)
             if args.run is not None:
@@ -173,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if status != 0:
             (workdir / ".keep").touch()
         return status
-    except GuestError as exc:
+    except (GuestError, BuildError) as exc:
         (workdir / ".keep").touch()
         print(f"run_qemu.sh: {exc}", file=sys.stderr)
         return 1

@@ -105,6 +105,7 @@ class GuestVM:
         self._agent: socket.socket | None = None
         self._agent_buffer = b""
         self._next_id = 1
+        self._agent_busy = False
         self.boot_seconds: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -268,6 +269,11 @@ class GuestVM:
             except TimeoutError:
                 continue
             if not chunk:
+                # QEMU closes its sockets as it dies: say what killed it, if it did.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    if self.process is not None:
+                        self.process.wait(10)
+                self._check_alive()
                 raise GuestError(f"guest agent closed its port\n{self.diagnostics()}")
             self._agent_buffer += chunk
         before, _, self._agent_buffer = self._agent_buffer.partition(marker)
@@ -288,6 +294,7 @@ class GuestVM:
             output = self._wait_for(f"@@MGPU-END {ident} ".encode(), deadline)
             status = self._wait_for(b"\n", deadline)
         except GuestTimeout as exc:
+            self._agent_busy = True  # the command runs on: the agent answers nothing else
             raise GuestTimeout(
                 f"guest command {command!r} did not finish in {timeout:g} s", exc.output
             ) from None
@@ -310,8 +317,12 @@ class GuestVM:
     def kernel_log(self) -> str:
         """The whole kernel log, as dmesg prints it, every boot of this VM included: the
         copy of /dev/kmsg ``/init`` streams to the host, which needs no answer from the
-        guest (a busy, hung or dead one too).  Before /init has started it (or with
-        another /init), the serial console's messages."""
+        guest (a busy, hung or dead one too).  While the guest answers, first wait for
+        the copy to catch up with its ``dmesg``.  Before /init has started the copy (or
+        with another /init), the serial console's messages."""
+        if self._agent is not None and not self._agent_busy and self._alive():
+            with contextlib.suppress(GuestError, OSError):
+                self._wait_for_kmsg_copy()
         with contextlib.suppress(OSError):
             text = format_kmsg(self.kmsg_log.read_text(errors="replace"))
             if text:
@@ -320,6 +331,19 @@ class GuestVM:
             return self.serial_log.read_text(errors="replace")
         except OSError:
             return ""
+
+    def _alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _wait_for_kmsg_copy(self, timeout: float = 30) -> None:
+        """Until the streamed copy holds the guest's latest kernel message."""
+        last = self.check("dmesg | tail -n 1", timeout).partition("] ")[2]
+        deadline = time.monotonic() + timeout
+        while last and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if f"] {last}\n" in format_kmsg(self.kmsg_log.read_text(errors="replace")):
+                    return
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------ QMP
 

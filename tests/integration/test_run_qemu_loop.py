@@ -16,6 +16,7 @@ import pytest
 
 from guest_images import Runtime
 from guest_images.kbuild import kbuild, kernel_release
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "examples" / "hello-driver" / "module"
@@ -122,3 +123,57 @@ def test_own_kernel_modules_and_gdbstub(mgpu_runtime: Runtime, mgpu_tmp: Path) -
     qemu = (logs / "qemu-command.txt").read_text()
     assert f"-kernel {kernel}" in qemu and "initrd-with-modules" in qemu
     assert f"-gdb tcp:127.0.0.1:{port} -S" in qemu
+
+
+def test_gdb_breaks_in_the_users_module_at_its_source_line(
+    mgpu_runtime: Runtime, mgpu_tmp: Path
+) -> None:
+    """run_qemu.sh --gdb: the runtime kernel's vmlinux with symbols, a gdbinit for the
+    run, and a module built with kbuild whose debug info names its real sources: a
+    breakpoint in the module's exit function is hit, with its file, line and text."""
+    share = mgpu_tmp / "share"
+    shutil.copytree(MODULE, share)
+    kbuild(share, print)
+    port = free_port()
+    # The guest prints the symbol command, then waits for the host's go (the breakpoint
+    # is set by then) before unloading the module.
+    command = (
+        "insmod /mnt/share/hello.ko && mgpu-gdb-symbols hello > /mnt/share/hello.gdb && "
+        "while [ ! -e /mnt/share/go ]; do sleep 0.1; done && rmmod hello"
+    )
+    log = mgpu_tmp / "run_qemu.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [str(ROOT / "run_qemu.sh"), "--share", str(share), "--gdb", str(port),
+             "--run", command, "--timeout", "600"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        symbols = share / "hello.gdb"
+        wait_until(
+            lambda: proc.poll() is not None or (symbols.exists() and symbols.read_text()),
+            900, "the guest to load the module (the first --gdb fetches vmlinux)",
+            interval=0.2,
+        )  # fmt: skip
+        assert proc.poll() is None, log.read_text()
+        gdbinit = re.search(r"; gdb -x (\S+)", log.read_text())
+        assert gdbinit, log.read_text()
+        gdb = subprocess.run(
+            ["gdb", "-batch", "-nx", "-x", gdbinit.group(1), "-x", str(symbols),
+             "-ex", "break hello_exit", "-ex", f"shell touch {share / 'go'}",
+             "-ex", "continue", "-ex", "bt 4", "-ex", "detach"],
+            capture_output=True, text=True, timeout=300, cwd=share,
+        )  # fmt: skip
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    source = (share / "hello.c").read_text().splitlines()
+    line = next(n for n, text in enumerate(source, 1) if 'pr_info("hello: goodbye' in text)
+    where = rf"Breakpoint 1, hello_exit \(\) at {re.escape(str(share))}/hello.c:{line}"
+    assert re.search(where, gdb.stdout), gdb.stdout + gdb.stderr
+    assert re.search(rf"^{line}\s+pr_info\(\"hello: goodbye", gdb.stdout, re.M), gdb.stdout
+    assert "delete_module" in gdb.stdout, gdb.stdout  # the kernel's own frames: vmlinux
+    assert proc.returncode == 0, log.read_text()
