@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import gzip
 import hashlib
-import io
-import lzma
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -38,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.errors import SetupError
+from guest_images.cpio import Cpio, module_files
+from guest_images.mirror import host_mirror
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "programs"
@@ -58,7 +56,7 @@ ROOT_PACKAGES = (
     "kmod",
 )
 ROOT_RECIPE = "1"  # bump to force a rebuild of the root when the recipe changes
-INITRAMFS_RECIPE = "3"  # 3: driver/Kbuild, debug info naming the checkout's sources
+INITRAMFS_RECIPE = "4"  # 4: driver/Kbuild, sources in debug info, mgpu-gdb-symbols
 # Shipped for vfio-pci in the guest.  Debian's kernel lacks CONFIG_VFIO_NOIOMMU, so
 # without a vIOMMU these cannot give userspace MSI-X; driver/mgpu.c does that instead.
 GUEST_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass")
@@ -168,46 +166,6 @@ def _ensure_host_tools(progress: Progress) -> None:
     )
 
 
-def _deb822_sources(text: str) -> list[tuple[str, str]]:
-    """(uri, suites) of each enabled ``deb`` stanza of a deb822 ``.sources`` file."""
-    found: list[tuple[str, str]] = []
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if ":" in line and not line.lstrip().startswith("#"):
-                key, value = line.split(":", 1)
-                fields[key.strip().lower()] = value.strip()
-        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
-            found += [(uri, fields.get("suites", "")) for uri in fields.get("uris", "").split()]
-    return found
-
-
-def _one_line_sources(text: str) -> list[tuple[str, str]]:
-    """(uri, suite) of each ``deb`` line of a one-line-style ``sources.list``."""
-    found: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        match = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
-        if match:
-            found.append((match.group(1), match.group(2)))
-    return found
-
-
-def host_mirror() -> str:
-    """The main Debian archive URI of the host's apt configuration."""
-    candidates: list[tuple[str, str]] = []  # (uri, suites)
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        candidates += _deb822_sources(Path(path).read_text())
-    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
-        with contextlib.suppress(OSError):
-            candidates += _one_line_sources(Path(path).read_text())
-    for uri, suites in candidates:
-        if "security" in uri or "security" in suites:
-            continue
-        if "debian" in uri or any(s in suites for s in ("bookworm", "trixie", "stable")):
-            return uri.rstrip("/")
-    raise BuildError("no Debian mirror found in /etc/apt/sources.list{,.d}: configure apt first")
-
-
 def _qemu_version(argv: list[str]) -> tuple[int, ...] | None:
     try:
         out = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30)
@@ -240,7 +198,10 @@ def build_root(progress: Progress) -> Path:
     _ensure_host_tools(progress)
     if os.geteuid() != 0:
         raise BuildError("building the Debian root needs root (mmdebstrap --mode=root)")
-    mirror = host_mirror()
+    try:
+        mirror = host_mirror()
+    except LookupError as exc:
+        raise BuildError(str(exc)) from None
     tmp = Path(tempfile.mkdtemp(prefix="root-building-", dir=cache))
     started = time.monotonic()
     progress(
@@ -356,36 +317,6 @@ def _compile_programs(out_dir: Path, progress: Progress, uapi_flags: list[str]) 
     return binaries
 
 
-class _Cpio:
-    """A newc cpio archive (what the kernel unpacks as an initramfs)."""
-
-    def __init__(self) -> None:
-        self.out = io.BytesIO()
-        self.inode = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
-        encoded = name.encode() + b"\0"
-        fields = [self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        header = b"070701" + b"".join(b"%08X" % f for f in fields)
-        self.out.write(header + encoded)
-        self.out.write(b"\0" * (-(len(header) + len(encoded)) % 4))
-        self.out.write(data + b"\0" * (-len(data) % 4))
-        self.inode += 1
-
-    def directory(self, name: str) -> None:
-        self._entry(name, stat.S_IFDIR | 0o755)
-
-    def file(self, name: str, data: bytes, mode: int = 0o755) -> None:
-        self._entry(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return self.out.getvalue()
-
-
 def _build_driver(root: Path, kversion: str, progress: Progress) -> dict[str, bytes]:
     """driver/ (its Kbuild, sources and headers) built in the root with its kernel
     headers and its gcc: NAME.ko by NAME.  The build happens in a copy under the root's
@@ -413,73 +344,6 @@ def _build_driver(root: Path, kversion: str, progress: Progress) -> dict[str, by
         return {name: (build / f"{name}.ko").read_bytes() for name in DRIVER_MODULES}
     finally:
         shutil.rmtree(build, ignore_errors=True)
-
-
-def _modinfo_depends(module: bytes) -> list[str]:
-    """The ``depends=`` names in a built module's .modinfo."""
-    match = re.search(rb"(?:^|\0)depends=([^\0]*)\0", module)
-    return [name.decode() for name in match.group(1).split(b",") if name] if match else []
-
-
-def _dependency_paths(
-    names: list[str], deps: dict[str, list[str]], by_name: dict[str, str]
-) -> list[str]:
-    """The modules.dep right-hand side for a module needing ``names``: every module
-    they need, transitively, each after the ones that need it (modprobe loads the
-    list from its end)."""
-    load_order: list[str] = []  # dependencies before what needs them
-
-    def visit(path: str) -> None:
-        if path not in load_order:
-            for dep in reversed(deps[path]):
-                visit(dep)
-            load_order.append(path)
-
-    for name in names:
-        visit(by_name[name.replace("-", "_")])
-    return load_order[::-1]
-
-
-def _module_files(
-    root: Path, kversion: str, ours: dict[str, bytes] | None = None
-) -> dict[str, bytes]:
-    """The guest modules we ship (decompressed), their dependencies and ours
-    (``extra/NAME.ko``, needing what their .modinfo names), by path."""
-    ours = ours or {}
-    moddir = root / "lib" / "modules" / kversion
-    deps: dict[str, list[str]] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        path, _, rest = line.partition(":")
-        deps[path] = rest.split()
-    by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
-    wanted: list[str] = []
-    needed_by_ours = [dep for data in ours.values() for dep in _modinfo_depends(data)]
-    for name in [*GUEST_MODULES, *SHARE_MODULES, *needed_by_ours]:
-        module = by_name.get(name)
-        if module is None:
-            continue  # built into this kernel
-        for needed in [*deps[module], module]:
-            if needed not in wanted:
-                wanted.append(needed)
-    files: dict[str, bytes] = {}
-    dep_lines = []
-    for path in wanted:
-        data = (moddir / path).read_bytes()
-        plain = path
-        if path.endswith(".xz"):
-            data, plain = lzma.decompress(data), path[:-3]
-        elif path.endswith(".zst"):
-            raise BuildError("zstd-compressed modules are not supported yet")
-        files[plain] = data
-        dep_lines.append(
-            plain + ": " + " ".join(d[:-3] if d.endswith(".xz") else d for d in deps[path])
-        )
-    for name, data in ours.items():
-        files[f"extra/{name}.ko"] = data
-        needs = _dependency_paths(_modinfo_depends(data), deps, by_name)
-        dep_lines.append(f"extra/{name}.ko: " + " ".join(d.removesuffix(".xz") for d in needs))
-    files["modules.dep"] = ("\n".join(dep_lines) + "\n").encode()
-    return files
 
 
 def _initramfs_key(root_key: str) -> str:
@@ -510,24 +374,9 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
     started = time.monotonic()
     progress("building the initramfs (busybox, /init, guest programs, guest driver, modules)")
     _, kversion = _kernel(root)
-    archive = _Cpio()
-    for directory in (
-        "bin",
-        "sbin",
-        "dev",
-        "proc",
-        "sys",
-        "tmp",
-        "etc",
-        "lib",
-        "lib/modules",
-        f"lib/modules/{kversion}",
-        "usr",
-        "usr/bin",
-        "usr/sbin",
-        "run",
-        "mnt",
-    ):
+    archive = Cpio()
+    skeleton = "bin sbin dev proc sys tmp etc lib lib/modules usr usr/bin usr/sbin run mnt"
+    for directory in [*skeleton.split(), f"lib/modules/{kversion}"]:
         archive.directory(directory)
     busybox = root / "bin" / "busybox"
     if not busybox.exists():
@@ -551,7 +400,10 @@ def build_initramfs(root: Path, progress: Progress) -> Path:
     debug_modules.mkdir(exist_ok=True)
     for name, data in ours.items():
         (debug_modules / f"{name}.ko").write_bytes(data)
-    modules = _module_files(root, kversion, ours)
+    try:
+        modules = module_files(root, kversion, (*GUEST_MODULES, *SHARE_MODULES), ours)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
     for path, data in modules.items():
         full = f"lib/modules/{kversion}/{path}"
         parent = full.rsplit("/", 1)[0]

@@ -6,15 +6,15 @@
 name=${1:?usage: mgpu-gdb-symbols NAME [FILE]}
 file=${2:-$name.ko}
 dir=/sys/module/$(echo "$name" | tr - _)/sections
-if [ ! -r "$dir/.text" ]; then
+if [ ! -d "$dir" ]; then
     echo "mgpu-gdb-symbols: module $name is not loaded (lsmod lists the loaded ones)" >&2
     exit 1
 fi
-line="add-symbol-file $file -s .text $(cat "$dir/.text")"
+line="add-symbol-file $file"
 for section in "$dir"/.*; do
     section=${section##*/}
     case $section in
-        .|..|.text|.note*|.gnu*) continue ;;
+        .|..|.note*|.gnu*|.symtab|.strtab) continue ;;
     esac
     line="$line -s $section $(cat "$dir/$section")"
 done

@@ -17,7 +17,8 @@ import lzma
 import os
 from pathlib import Path
 
-from guest_images.build import BuildError, _Cpio
+from guest_images.build import BuildError
+from guest_images.cpio import Cpio
 
 
 def _release_dirs(modules: Path) -> list[Path]:
@@ -54,7 +55,7 @@ def initrd_with_modules(base: Path, modules: Path, out: Path) -> Path:
     """Write ``out``: the initramfs ``base`` followed by the modules in ``modules``."""
     base_data = base.read_bytes()
     base_files = _cpio_files(gzip.decompress(base_data))
-    archive = _Cpio()
+    archive = Cpio()
     made: set[str] = set()
 
     def parents(name: str) -> None:

@@ -162,7 +162,7 @@ def test_gdb_breaks_in_the_users_module_at_its_source_line(
         gdb = subprocess.run(
             ["gdb", "-batch", "-nx", "-x", gdbinit.group(1), "-x", str(symbols),
              "-ex", "break hello_exit", "-ex", f"shell touch {share / 'go'}",
-             "-ex", "continue", "-ex", "bt 4", "-ex", "detach"],
+             "-ex", "continue", "-ex", "info source", "-ex", "bt 4", "-ex", "detach"],
             capture_output=True, text=True, timeout=300, cwd=share,
         )  # fmt: skip
         proc.communicate(timeout=300)
@@ -171,9 +171,13 @@ def test_gdb_breaks_in_the_users_module_at_its_source_line(
             proc.kill()
             proc.communicate()
     source = (share / "hello.c").read_text().splitlines()
-    line = next(n for n, text in enumerate(source, 1) if 'pr_info("hello: goodbye' in text)
-    where = rf"Breakpoint 1, hello_exit \(\) at {re.escape(str(share))}/hello.c:{line}"
-    assert re.search(where, gdb.stdout), gdb.stdout + gdb.stderr
-    assert re.search(rf"^{line}\s+pr_info\(\"hello: goodbye", gdb.stdout, re.M), gdb.stdout
-    assert "delete_module" in gdb.stdout, gdb.stdout  # the kernel's own frames: vmlinux
+    first = next(n for n, text in enumerate(source, 1) if "hello_exit(void)" in text)
+    last = next(n for n, text in enumerate(source, 1) if 'pr_info("hello: goodbye' in text)
+    hit = re.search(r"Breakpoint 1, hello_exit \(\) at hello\.c:(\d+)\n(\d+)\t(.*)\n", gdb.stdout)
+    assert hit, gdb.stdout + gdb.stderr
+    line = int(hit.group(1))
+    assert first <= line <= last and int(hit.group(2)) == line, gdb.stdout
+    assert hit.group(3).strip() == source[line - 1].strip(), gdb.stdout  # the source line
+    assert f"Located in {share}/hello.c" in gdb.stdout, gdb.stdout  # the user's own file
+    assert "__do_sys_delete_module" in gdb.stdout, gdb.stdout  # the kernel's frames: vmlinux
     assert proc.returncode == 0, log.read_text()

@@ -15,7 +15,7 @@ from device.harness.launch_options import build_parser, check_args
 from device.harness.pytest_plugin import FaultCursor, kernel_problems
 from device.harness.qemu import exit_description, format_kmsg, qemu_command
 from guest_images import Runtime, parse_bdfs
-from guest_images.build import _Cpio
+from guest_images.cpio import Cpio
 from guest_images.overlay import _cpio_files, initrd_with_modules
 
 RUNTIME = Runtime(("qemu",), "11.1.3", Path("/k/vmlinuz"), Path("/k/initrd"))
@@ -57,7 +57,7 @@ def test_help_lists_every_loop_option() -> None:
 
 
 def test_modules_are_appended_decompressed_and_modules_dep_merged(tmp_path: Path) -> None:
-    base = _Cpio()
+    base = Cpio()
     base.file("lib/modules/6.1/modules.dep", b"extra/mgpu.ko:\n")
     (tmp_path / "base.gz").write_bytes(gzip.compress(base.finish()))
     release = tmp_path / "mods" / "lib" / "modules" / "6.1"
