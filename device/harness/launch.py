@@ -270,6 +270,9 @@ def run_once(
 ) -> int:
     """Boot, run ``args.run`` through the guest agent, print its output; its status."""
     timeout = args.timeout if args.timeout is not None else DEFAULT_RUN_TIMEOUT
+    # The harness has its own QMP connection; scripts get a monitor of their own, where
+    # --qmp says (QEMU listens there, as in the interactive mode).
+    user_qmp = args.qmp or workdir / "qmp.sock"
     vm = GuestVM(
         runtime,
         workdir,
@@ -283,7 +286,13 @@ def run_once(
         gdb_port=args.gdb,
         gdb_wait=args.gdb_wait,
         boot_timeout=3600 if args.gdb_wait else 180,
-        qmp_path=args.qmp,
+        qmp_path=workdir / "harness-qmp.sock",
+        extra_args=[
+            "-chardev",
+            f"socket,id=user-qmp,path={user_qmp},server=on,wait=off",
+            "-mon",
+            "chardev=user-qmp,mode=control",
+        ],
     )
     status = 1
     died: int | None = None  # QEMU's status if it ended before we stopped it
@@ -291,7 +300,7 @@ def run_once(
         (workdir / "qemu-command.txt").write_text(" ".join(vm.command_line()) + "\n")
         try:
             vm.start()
-            progress(f"mgpu: guest up in {vm.boot_seconds:.1f} s; QMP socket {vm.qmp_path}")
+            progress(f"mgpu: guest up in {vm.boot_seconds:.1f} s; QMP socket {user_qmp}")
             progress(f"mgpu: running: {args.run}")
             status, output = vm.run(args.run, timeout=timeout)
             sys.stdout.write(output + ("\n" if output else ""))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from guest_images import Runtime
 from guest_images.kbuild import kbuild, kernel_release
@@ -181,3 +182,48 @@ def test_gdb_breaks_in_the_users_module_at_its_source_line(
     assert f"Located in {share}/hello.c" in gdb.stdout, gdb.stdout  # the user's own file
     assert "__do_sys_delete_module" in gdb.stdout, gdb.stdout  # the kernel's frames: vmlinux
     assert proc.returncode == 0, log.read_text()
+
+
+def test_run_timeout_stops_soon_keeps_the_output_and_logs_and_qmp_is_where_asked(
+    mgpu_runtime: Runtime, mgpu_tmp: Path
+) -> None:
+    """--run with --timeout: QEMU is stopped right after the timeout, what the command
+    printed is kept, and so are the serial log and the whole kernel log (paths said);
+    --qmp puts the QMP socket where a script looks for it while the command runs."""
+    qmp_path = mgpu_tmp / "q.sock"
+    timeout = 20
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(ROOT / "run_qemu.sh"), "--qmp", str(qmp_path), "--timeout", str(timeout),
+         "--run", "echo partial-output; sleep 3600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or qmp_path.exists(), 300, "the QMP socket"
+        )  # fmt: skip
+        with QEMUMonitorProtocol(str(qmp_path)) as qmp:
+            qmp.connect()
+            assert qmp.cmd("query-status")["status"] == "running"  # type: ignore[index]
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    elapsed = time.monotonic() - started
+    boot = float(re.search(r"guest up in ([\d.]+) s", err).group(1))  # type: ignore[union-attr]
+    assert proc.returncode == 124, err
+    assert out == "partial-output\n", out
+    assert f"timed out after {timeout} s" in err, err
+    # Stopped at once: no waiting on a guest that is busy with the command.
+    assert elapsed - boot < timeout + 30, (elapsed, boot, err)
+    workdir = Path(re.search(r"logs kept in (\S+)", err).group(1))  # type: ignore[union-attr]
+    try:
+        kernel_log = (workdir / "kernel.log").read_text()
+        assert "Linux version" in kernel_log and len(kernel_log.splitlines()) > 100, kernel_log
+        assert f"guest kernel log saved to {workdir / 'kernel.log'}" in err
+        assert (workdir / "serial.log").exists() and (workdir / "server.log").exists()
+    finally:
+        shutil.rmtree(workdir)
+    assert not qmp_path.exists()
