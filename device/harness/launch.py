@@ -170,6 +170,14 @@ def announce(args: argparse.Namespace, runtime: Runtime, accel: str) -> None:
         )
 
 
+class Stopped(Exception):
+    """SIGTERM: stop the run, cleaning up as for any other end."""
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    raise Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problem = check_args(args)
@@ -182,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_qemu.sh: cannot build the guest runtime: {exc}", file=sys.stderr)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-run-"))
+    signal.signal(signal.SIGTERM, _stop)  # so that the cleanup below runs
     try:
         accel = choose_accel(args, runtime, workdir)
         if args.gdb is not None:
@@ -192,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                 status = run_once(args, runtime, accel, sockets, workdir)
             else:
                 status = interactive(args, runtime, accel, sockets, workdir)
-        if status != 0:
+        if status != 0 and args.log_dir is None:  # with --log-dir the logs are there
             (workdir / ".keep").touch()
         return status
+    except Stopped:
+        (workdir / ".keep").touch()
+        progress("run_qemu.sh: stopped by SIGTERM; QEMU and the GPU server are stopped")
+        return 143
     except (GuestError, BuildError) as exc:
         (workdir / ".keep").touch()
         print(f"run_qemu.sh: {exc}", file=sys.stderr)
@@ -328,6 +341,8 @@ def run_once(
         logs = args.log_dir
     if status != 0 or args.log_dir is not None:
         progress(f"mgpu: guest kernel log saved to {logs / 'kernel.log'}")
+    if args.log_dir is not None:
+        progress(f"mgpu: logs kept in {args.log_dir}")
     progress(f"mgpu: guest command exited with status {status}")
     return status
 

@@ -92,9 +92,15 @@ class Terminal:
         return bool(data)
 
     def close(self) -> None:
+        """Stop it as a person's Ctrl-C would not (QEMU has the terminal): SIGTERM, so
+        run_qemu.sh cleans up, then SIGKILL if it must."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
         os.close(self.master)
 
 
@@ -126,7 +132,7 @@ def host_command(line: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def test_the_readme_first_hour_works_as_written(runtime: Runtime) -> None:
+def test_the_readme_first_hour_works_as_written(runtime: Runtime, tmp_path: Path) -> None:
     assert runtime.initrd.exists()  # built (cached) by the session fixture
     env = {**os.environ, "TERM": "xterm"}
     env["PATH"] = f"/usr/local/bin:{env.get('PATH', '/usr/bin:/bin')}"
@@ -196,7 +202,8 @@ def test_the_readme_first_hour_works_as_written(runtime: Runtime) -> None:
         assert MOUNTS.read_text().count("fuse") <= mounts_before.count("fuse")
     finally:
         term.close()
-        if "workdir" in locals() and workdir.exists() and term.proc.returncode != 0:
-            print(f"run_qemu.sh's run directory (kept for the failure): {workdir}")
-        elif "workdir" in locals():
+        (tmp_path / "terminal.txt").write_text(term.screen)
+        if "workdir" in locals() and workdir.exists():  # kept by a failed run: keep a copy
+            shutil.copytree(workdir, tmp_path / "run", ignore=shutil.ignore_patterns("*.sock"))
             shutil.rmtree(workdir, ignore_errors=True)
+            print(f"run_qemu.sh's logs: {tmp_path / 'run'}")

@@ -76,9 +76,15 @@ def test_run_qemu_boots_a_guest_that_shows_the_gpu(runtime: Runtime, kvm: bool) 
         read_until(proc, r"QEMU exited with status 0", seen)
         assert not workdir.exists(), "run_qemu.sh left its sockets and logs behind"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # SIGTERM first: run_qemu.sh then cleans up
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if "workdir" in locals():
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_vm_killed_by_a_denied_access_is_named_and_its_logs_kept(runtime: Runtime) -> None:
