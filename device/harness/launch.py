@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from device.control.ctl import Client
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.types import DEFAULT_TYPES
 from device.harness.vm import GUEST_SHARE, GuestError, GuestVM, probe_kvm, qemu_command
@@ -94,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARGS",
         help="guest kernel command line additions (default: quiet; "
         "use --append '' for the kernel's boot messages)",
+    )
+    parser.add_argument(
+        "--vnc",
+        nargs="?",
+        const="5900",
+        metavar="[HOST:]PORT",
+        help="watch each GPU's display over VNC: the first on PORT (default 5900), the "
+        "next on PORT+1, ...; HOST defaults to 127.0.0.1 (the ports are printed)",
+    )
+    parser.add_argument(
+        "--web",
+        nargs="?",
+        const="8000",
+        metavar="[HOST:]PORT",
+        help="one web page with every GPU's display live (default port 8000, 127.0.0.1)",
     )
     loop = parser.add_argument_group("the edit-build-load loop")
     loop.add_argument(
@@ -203,6 +219,9 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
     ]
     for path in sockets:
         serve += ["--socket", str(path)]
+    viewers = [opt for opt in ("vnc", "web") if getattr(args, opt) is not None]
+    for opt in viewers:
+        serve += [f"--{opt}", getattr(args, opt)]
     server: subprocess.Popen[str] | None = None
     try:
         with open(server_log, "w") as log:
@@ -210,12 +229,16 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
                 serve, stdout=subprocess.PIPE, stderr=log, text=True, stdin=subprocess.DEVNULL
             )
         assert server.stdout is not None
-        # One "ready" line per instance, then the control socket's "control" line.
-        for prefix in ["ready "] * len(sockets) + ["control "]:
-            if not server.stdout.readline().startswith(prefix):
+        # One "ready" line per instance, the control socket's "control" line, then
+        # "vnc HOST:PORT" and "web URL" when asked for.
+        for prefix in ["ready "] * len(sockets) + ["control "] + [f"{v} " for v in viewers]:
+            line = server.stdout.readline()
+            if not line.startswith(prefix):
                 raise GuestError(
                     f"the GPU server did not start; its log:\n{server_log.read_text()}"
                 )
+            if prefix.strip() in viewers:
+                progress(f"mgpu: {show_viewer(prefix.strip(), line.split()[1], control_path)}")
         progress(
             f"mgpu: GPU control socket {control_path} "
             f"(MGPU_CONTROL={control_path} mgpu list; qmp-shell {control_path})"
@@ -234,6 +257,20 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
             progress(
                 f"mgpu: the GPU server exited with {server.returncode}; log kept in {server_log}"
             )
+
+
+def show_viewer(kind: str, where: str, control_path: Path) -> str:
+    """What ``serve``'s "vnc" or "web" line means for the user, with each display's port."""
+    if kind == "web":
+        return f"every GPU's display live at {where}"
+    client = Client(str(control_path))
+    try:
+        displays = client.call("query-displays")
+        ports = [f"{d['name']} on {d['vnc']}" for d in displays if d.get("vnc")]
+    finally:
+        client.close()
+    shown = ", ".join(ports) or "none yet (no instance has a display engine)"
+    return f"VNC from {where} up, one port per display: {shown}"
 
 
 def main(argv: list[str] | None = None) -> int:
