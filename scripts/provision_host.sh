@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Provision this machine for mgpu, idempotently: the Debian packages the build needs
-# (mmdebstrap, gcc and a static libc for guest programs) and the project's .venv.
+# (mmdebstrap, gcc and a static libc for guest programs, chromium for the browser
+# view's tests) and the project's .venv.
 # Works as root on a fresh Debian 12 or 13 machine; re-running skips what is there.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,6 +14,7 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v gcc >/dev/null || need+=(gcc)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v chromium >/dev/null || need+=(chromium)  # the web page's tests (headless)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

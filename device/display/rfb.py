@@ -230,6 +230,11 @@ class ClientReader:
         self._encodings_left = 0  # SetEncodings entries still to read
         self._encodings: list[int] = []
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a message not complete yet (a fixed part at most)."""
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> list[ClientMessage]:
         self._buffer += data
         view = memoryview(self._buffer)

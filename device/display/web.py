@@ -111,8 +111,10 @@ class WebServer:
         with contextlib.suppress(ValueError):
             self.registry.listeners.remove(self._on_change)
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: it failed to start
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread.is_alive():
+            self._thread.join(10)
 
     def __enter__(self) -> WebServer:
         self.start()
