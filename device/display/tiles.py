@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device.display.frame import RGB, to_rgb
-from device.display.source import FrameSource
+from device.display.source import FrameSource, Scanout
 from device.errors import FrameError
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,13 @@ def changed_tiles(old: RGB, new: RGB) -> npt.NDArray[np.bool_]:
     """Which TILE x TILE tiles differ between two pictures of one size."""
     height, width = new.shape[:2]
     rows, cols = -(-height // TILE), -(-width // TILE)
-    differs = np.zeros((rows * TILE, cols * TILE), dtype=np.bool_)
-    np.any(old != new, axis=2, out=differs[:height, :width])
-    return np.asarray(differs.reshape(rows, TILE, cols, TILE).any(axis=(1, 3)), dtype=np.bool_)
+    differs = np.not_equal(old.reshape(height, width * 3), new.reshape(height, width * 3))
+    changed = np.zeros((rows, cols), dtype=np.bool_)
+    padded = np.zeros(cols * TILE * 3, dtype=np.bool_)
+    for row in range(rows):  # a band of tiles: any change in each column, then per tile
+        padded[: width * 3] = differs[row * TILE : (row + 1) * TILE].any(axis=0)
+        changed[row] = padded.reshape(cols, TILE * 3).any(axis=1)
+    return changed
 
 
 class Screen:
@@ -65,6 +69,7 @@ class Screen:
         self.seen_serial: int | None = None
         self.version = 0
         self.problem: str | None = None
+        self._last: Scanout | None = None
         width, height = BLANK_SIZE
         self.rgb: RGB = np.zeros((height, width, 3), dtype=np.uint8)
         self.tile_versions = np.zeros((-(-height // TILE), -(-width // TILE)), dtype=np.int64)
@@ -84,6 +89,8 @@ class Screen:
             return False
         self.seen_serial = serial
         new = self._take()
+        if new is None:
+            return False
         if new.shape != self.rgb.shape:
             self.version += 1
             self.rgb = new
@@ -98,16 +105,24 @@ class Screen:
         self.tile_versions[changed] = self.version
         return True
 
-    def _take(self) -> RGB:
-        """The source's picture, or black at the current size (``problem`` says why)."""
+    def _take(self) -> RGB | None:
+        """The source's picture, black at the current size (``problem`` says why), or
+        None when the scanout is the very one taken last (a vblank, nothing drawn:
+        one memcmp instead of a conversion and a comparison)."""
         try:
             scanout = self.source.scanout()
             if scanout is None:
+                self._last = None
                 return self._black("the display is off")
+            if scanout == self._last and self.problem is None:
+                return None
+            self._last = scanout
             rgb = to_rgb(scanout.frame, scanout.cursor)
         except FrameError as exc:
+            self._last = None
             return self._black(str(exc))
         except Exception as exc:  # a broken source must not end a thread serving others
+            self._last = None
             log.exception("display %s: scanout failed", self.source.name)
             return self._black(f"scanout failed: {exc!r}")
         self.problem = None

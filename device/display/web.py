@@ -54,6 +54,9 @@ class WebLimits:
     max_fps: float = 20.0
     stall_timeout: float = 10.0
     max_message: int = 4096  # from a page
+    # An HTTP request must arrive this soon after connecting (browsers open spare
+    # connections they may never use; stopping waits for those to time out).
+    open_timeout: float = 2.0
 
 
 @dataclass(eq=False)
@@ -140,6 +143,7 @@ class WebServer:
             process_request=self._http,
             max_size=self.limits.max_message,
             max_queue=4,
+            open_timeout=self.limits.open_timeout,
             close_timeout=2,
         ) as server:
             self.port = self._bound_port(server)

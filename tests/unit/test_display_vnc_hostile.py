@@ -236,7 +236,12 @@ def test_displays_come_and_go_with_their_ports(
         client.handshake()
         registry.remove("late")
         assert client.read_to_end() == b""
-    wait_until(lambda: server.port_of("late") is None, 5, "the port released")
-    with contextlib.closing(socket.socket()) as probe:
-        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    wait_until(lambda: server.port_of("late") is None, 5, "the display forgotten")
+
+    def refused() -> bool:
+        with contextlib.closing(socket.socket()) as probe:
+            return probe.connect_ex(("127.0.0.1", port)) != 0
+
+    wait_until(refused, 5, "the port closed")
+    assert registry.addresses("late") == {}
     del fb
