@@ -29,6 +29,7 @@ from device.display.source import Framebuffer
 from device.errors import FrameError
 from device.gpu.instance.instance import GpuInstance
 from device.gpu.memory.physical import PhysicalGpu
+from device.harness import launch
 from device.harness.pytest_plugin import screendump
 from tests.unit.test_cli import CLI, ROOT, Serve, read_line, serve
 
@@ -211,3 +212,19 @@ def test_serve_refuses_a_web_port_in_use(short_tmp: Path) -> None:
         )  # fmt: skip
     assert result.returncode == 1
     assert "cannot serve the displays" in result.stderr
+
+
+def test_run_qemu_vnc_and_web_print_where_to_look(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = launch.build_parser().parse_args(
+        ["--vnc", "127.0.0.1:0", "--web", "0", "--mapping", "static"]
+    )
+    with launch.gpu_server(args, short_tmp) as sockets:
+        assert len(sockets) == 1
+        err = capsys.readouterr().err
+        assert "VNC from 127.0.0.1:0 up, one port per display: none yet" in err
+        url = err.split("every GPU's display live at ")[1].split()[0]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b"mgpu displays" in response.read()
+    assert launch.build_parser().parse_args(["--vnc"]).vnc == "5900"
