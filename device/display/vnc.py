@@ -98,6 +98,9 @@ class VncServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """Serve; OSError if ``host`` is no address of this machine."""
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+            probe.bind((self.host, 0))
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.registry.listeners.append(self._on_change)
         for name in self.registry.names():  # before the thread runs: ports known on return
@@ -141,16 +144,23 @@ class VncServer:
 
     def _run(self) -> None:
         while not self._stopping:
-            for key, mask in self._selector.select(self._timeout()):
-                try:
-                    self._dispatch(key, mask)
-                except Exception:  # a bug with one socket must not end the loop
-                    log.exception("vnc: unexpected error; closing that socket")
-                    if isinstance(key.data, Client):
-                        self._close(key.data, "server error")
-            self._apply_changes()
-            self._serve_updates()
-            self._expire()
+            try:
+                self._step()
+            except Exception:  # a bug must not end the thread that serves every display
+                log.exception("vnc: unexpected error in the serving loop; carrying on")
+                time.sleep(0.1)
+
+    def _step(self) -> None:
+        for key, mask in self._selector.select(self._timeout()):
+            try:
+                self._dispatch(key, mask)
+            except Exception:  # a bug with one socket: that client goes, the rest stay
+                log.exception("vnc: unexpected error; closing that socket")
+                if isinstance(key.data, Client):
+                    self._close(key.data, "server error")
+        self._apply_changes()
+        self._serve_updates()
+        self._expire()
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
@@ -192,7 +202,11 @@ class VncServer:
         source = self.registry.get(name)
         if source is None:
             return
-        listener = self._listen()
+        try:
+            listener = self._listen()
+        except OSError as exc:
+            log.error("vnc: cannot listen for display %s: %s", name, exc)
+            return
         if listener is None:
             log.error("vnc: no free port for display %s (%d displays at most)", name,
                       self.limits.max_displays)  # fmt: skip
@@ -336,7 +350,13 @@ class VncServer:
                 display.screen.refresh()
                 display.next_poll = now + 1.0 / self.limits.max_fps
             for client in waiting:
-                if client.session.update() or client.session.phase is Phase.CLOSING:
+                try:
+                    updated = client.session.update()
+                except Exception:  # a bug with one client's update: that client goes
+                    log.exception("vnc: %s: update failed", display.name)
+                    self._close(client, "server error")
+                    continue
+                if updated or client.session.phase is Phase.CLOSING:
                     self._write(client)
 
     def _expire(self) -> None:

@@ -27,6 +27,8 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-breakpad",  # no crash handler: it would leave our process group
+    "--disable-crash-reporter",
     "--remote-debugging-address=127.0.0.1",
     "--remote-debugging-port=0",
     "--force-device-scale-factor=1",
@@ -50,9 +52,13 @@ def _devtools_port(profile: Path, proc: subprocess.Popen[bytes], timeout: float)
 @contextlib.contextmanager
 def chromium_page(timeout: float = 60.0) -> Iterator[Page]:
     """A page in a fresh headless Chromium; the browser is killed by PID at the end."""
-    profile = Path(tempfile.mkdtemp(prefix="mgpu-chromium-"))
+    root = Path(tempfile.mkdtemp(prefix="mgpu-chromium-"))
+    profile, scratch = root / "profile", root / "tmp"
+    profile.mkdir()
+    scratch.mkdir()  # chromium's own temporary files, removed with the rest
     proc = subprocess.Popen(
         [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        env={**os.environ, "TMPDIR": str(scratch)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -70,7 +76,12 @@ def chromium_page(timeout: float = 60.0) -> Iterator[Page]:
             finally:
                 browser.close()
     finally:
+        # The group is chromium's own (start_new_session): its PID names it.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the group is chromium's own (by its PID)
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # helpers still in the group
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        shutil.rmtree(profile, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)

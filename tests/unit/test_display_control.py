@@ -228,3 +228,12 @@ def test_run_qemu_vnc_and_web_print_where_to_look(
         with urllib.request.urlopen(url, timeout=10) as response:
             assert b"mgpu displays" in response.read()
     assert launch.build_parser().parse_args(["--vnc"]).vnc == "5900"
+
+
+def test_serve_refuses_a_vnc_host_that_is_not_here(short_tmp: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "--control", str(short_tmp / "c.sock"), "--vnc", "192.0.2.1:5900"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot serve the displays" in result.stderr

@@ -15,7 +15,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 from playwright.sync_api import Page
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from device.display.frame import Cursor, PixelFormat
@@ -130,3 +130,17 @@ def test_viewers_are_bounded_and_a_stalled_one_is_dropped() -> None:
                     assert time.monotonic() < deadline
             wait_until(lambda: len(web.viewers) == 1, 10, "the stalled viewer dropped")
         hog.close()
+
+
+def test_a_page_that_sends_too_much_is_dropped() -> None:
+    registry = DisplayRegistry()
+    registry.add(framebuffer("gpu0", 64, 64, PixelFormat.XRGB8888, 6))
+    with WebServer(registry, port=0) as web:
+        with connect(f"ws://127.0.0.1:{web.port}/ws", max_size=None) as rude:
+            rude.recv(timeout=10)
+            rude.send("x" * 10000)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    rude.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        wait_until(lambda: not web.viewers, 10, "the viewer gone")
