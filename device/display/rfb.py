@@ -237,35 +237,34 @@ class ClientReader:
 
     def feed(self, data: bytes) -> list[ClientMessage]:
         self._buffer += data
-        view = memoryview(self._buffer)
         out: list[ClientMessage] = []
         pos = 0
         try:
-            while pos < len(view):
-                used = self._step(view[pos:], out)
+            while pos < len(self._buffer):
+                used = self._step(pos, out)
                 if not used:
                     break
                 pos += used
         finally:
-            view.release()
-            del self._buffer[:pos]
+            del self._buffer[:pos]  # no view of the buffer may be alive here
         return out
 
-    def _step(self, data: memoryview, out: list[ClientMessage]) -> int:
-        """Consume the start of ``data``; the bytes used (0: wait for more)."""
+    def _step(self, pos: int, out: list[ClientMessage]) -> int:
+        """Consume the buffer from ``pos``; the bytes used (0: wait for more)."""
+        available = len(self._buffer) - pos
         if self._skip:
-            used = min(self._skip, len(data))
+            used = min(self._skip, available)
             self._skip -= used
             return used
         if self._encodings_left:
-            return self._read_encodings(data, out)
-        kind = data[0]
+            return self._read_encodings(bytes(self._buffer[pos : pos + available // 4 * 4]), out)
+        kind = self._buffer[pos]
         if kind not in FIXED_SIZE:
             raise RfbError(f"unknown client message type {kind}")
         size = FIXED_SIZE[ClientType(kind)]
-        if len(data) < size:
+        if available < size:
             return 0
-        self._parse(ClientType(kind), bytes(data[:size]), out)
+        self._parse(ClientType(kind), bytes(self._buffer[pos : pos + size]), out)
         return size
 
     def _parse(self, kind: ClientType, body: bytes, out: list[ClientMessage]) -> None:
@@ -286,7 +285,7 @@ class ClientReader:
         else:
             out.append(InputIgnored(kind))
 
-    def _read_encodings(self, data: memoryview, out: list[ClientMessage]) -> int:
+    def _read_encodings(self, data: bytes, out: list[ClientMessage]) -> int:
         entries = min(self._encodings_left, len(data) // 4)
         for (value,) in struct.iter_unpack(">i", data[: entries * 4]):
             if value in KNOWN_ENCODINGS and value not in self._encodings:
