@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 
 from device.display.frame import Cursor, PixelFormat
 from device.display.registry import DisplayRegistry
-from device.display.screendump import capture
+from device.display.screendump import capture, png_bytes
 from device.display.source import Framebuffer
 from device.display.web import WebLimits, WebServer
 from tests.helpers import wait_until
@@ -32,6 +32,11 @@ def framebuffer(name: str, width: int, height: int, fmt: PixelFormat, seed: int)
     fb.draw_rgb(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
     fb.present()
     return fb
+
+
+def screendump_png(fb: Framebuffer) -> npt.NDArray[np.uint8]:
+    """The display's screendump, as the PNG the control socket returns, decoded."""
+    return np.asarray(Image.open(io.BytesIO(png_bytes(capture(fb)))))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_the_page_shows_every_display_as_the_screendump_does(page: Page) -> None
     with WebServer(registry, port=0) as web:
         page.goto(web.url)
         for fb in (first, second):
-            assert np.array_equal(shown(page, fb), capture(fb))
+            assert np.array_equal(shown(page, fb), screendump_png(fb))
         assert page.locator("#status").inner_text() == "live"
         assert "gpu1: 300\u00d7200" in page.locator("#display-gpu1 figcaption").inner_text()
 
