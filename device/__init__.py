@@ -9,8 +9,15 @@ the ones below it, never above.
                   (pytest_plugin) and a reference Python driver (driver) for tests
     control/      control plane: GpuServer (create and destroy instances at run time,
                   events, manager), the command table (commands: the single source
-                  of truth of the control socket), the QMP control socket (qmp), the
-                  command line (cli) and its mdevctl-style client commands (ctl)
+                  of truth of the control socket; schema: what it is made of), the
+                  QMP control socket (qmp), the command line (cli: serve, with
+                  --vnc and --web) and its mdevctl-style client commands (ctl)
+    display/      what instances show: the FrameSource protocol a display engine
+                  implements and Framebuffer, one over a numpy buffer (source),
+                  frames and pixel formats to RGB (frame), the displays by name
+                  (registry), PNG screendumps (screendump), changed tiles (tiles),
+                  the VNC server (rfb: the protocol sans I/O; vnc_session: one
+                  client; vnc: the thread and the ports) and the browser page (web)
     gpu/          the device model, in sublayers (bottom up; tests/test_layers.py):
                     abi               the numbers a guest driver hard-codes: error codes,
                                       interrupt bits, resource commands, status values
@@ -60,4 +67,7 @@ Which file to open:
     add a control command or event      control/commands.py (one decorated function), then
                                         ``python -m device.docs``
     add an injectable fault             gpu/inject.py (FAULTS and a hook where it bites)
+    give an instance a display          an attribute ``display`` on GpuInstance that is a
+                                        display/source.py FrameSource; nothing else
+    add a pixel format                  display/frame.py (PixelFormat, frame_to_rgb)
 """

@@ -227,7 +227,8 @@ def render_control() -> str:
         '"arguments": {...}, "id": ID}` answered by `{"return": ...}` or '
         '`{"error": {"class", "desc"}}`, and asynchronous events. `qemu.qmp`\'s '
         "`QMPClient`, `qmp-shell PATH` and the `mgpu` commands (`mgpu list`, `start`, "
-        "`stop`, `types`, `faults`, `trace`, `inject`, `top`; `--control PATH` or "
+        "`stop`, `types`, `faults`, `trace`, `inject`, `top`, `displays`, `screendump`; "
+        "`--control PATH` or "
         "`$MGPU_CONTROL`) are clients.",
         "",
         "## Commands",

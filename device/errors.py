@@ -24,8 +24,11 @@
      |    +-- OutOfMemory         an allocator has no run large enough (internal: the
      |                            device model turns it into DeviceError or CapacityError)
      +-- SetupError               this machine cannot do what was asked; the message says
-                                  what to do (FuseUnavailable, SocketPathError,
-                                  guest_images.BuildError, harness.vm.GuestError)
+     |                            what to do (FuseUnavailable, SocketPathError,
+     |                            guest_images.BuildError, harness.vm.GuestError)
+     +-- FrameError               a display's frame cannot be shown (stride too small, a
+                                  short buffer, an unknown pixel format, a bad cursor, no
+                                  picture at all); the message says which and why
 
 The split between remote and local protocol errors follows h11: the same codec
 decodes what the peer sent (remote errors) and encodes what we send (local errors),
@@ -97,3 +100,7 @@ class OutOfMemory(CapacityError):
 
 class SetupError(MgpuError):
     """This machine cannot do what was asked; the message says what to do."""
+
+
+class FrameError(MgpuError):
+    """A frame (or cursor) a display handed over cannot be shown; the message says why."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Provision this machine for mgpu, idempotently: the Debian packages the build needs
-# (mmdebstrap, gcc and a static libc for guest programs, gdb for run_qemu.sh --gdb),
-# the project's .venv, and the tools the README names (mgpu, qmp-shell) on PATH.
+# (mmdebstrap, gcc and a static libc for guest programs, gdb for run_qemu.sh --gdb,
+# chromium for the browser view's tests), the project's .venv, and the tools the
+# README names (mgpu, qmp-shell) on PATH.
 # Works as root on a fresh Debian 12 or 13 machine; re-running skips what is there.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +16,7 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v gdb >/dev/null || need+=(gdb)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v chromium >/dev/null || need+=(chromium)  # the web page's tests (headless)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

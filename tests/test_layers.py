@@ -17,6 +17,7 @@ LAYERS = [
     "pci",
     "fuse",
     "gpu",
+    "display",
     "control",
     "harness",
     "docs",

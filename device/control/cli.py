@@ -9,12 +9,15 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from device.control import ctl
 from device.control.commands import Control
 from device.control.manager import GpuServer
 from device.control.qmp import ControlServer
+from device.display.vnc import VncServer
+from device.display.web import WebServer
 from device.errors import CapacityError
 from device.fuse.server import FuseUnavailable
 from device.gpu.memory.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
@@ -23,6 +26,7 @@ from device.gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceT
 from device.vfio_user.server import SocketPathError
 
 DEFAULT_TYPE = "mgpu-256"
+DEFAULT_VIEW_HOST = "127.0.0.1"
 
 log = logging.getLogger("mgpu")
 
@@ -36,6 +40,19 @@ def parse_size(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M)") from None
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` (``[::1]:PORT`` for IPv6) as (host, port); host 127.0.0.1."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or DEFAULT_VIEW_HOST
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not [HOST:]PORT: {text!r} (try 5900)") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} out of range (0-65535)")
+    return host, number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="what a touch of an aperture page that maps no resource gets "
         "(fault and trap modes): sigbus (the VM dies, as on hardware; default), "
         "dummy (a zero page) or report (all ones, and the FAULT interrupt)",
+    )
+    serve.add_argument(
+        "--vnc",
+        type=parse_address,
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve each instance's display over VNC (RFB 3.8, view-only, no password): "
+        "the first display on PORT, the next on PORT+1, ... in the order they appear "
+        "(a port in use is skipped; `mgpu displays` lists them); HOST defaults to "
+        "127.0.0.1. Try 5900",
+    )
+    serve.add_argument(
+        "--web",
+        type=parse_address,
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve one web page showing every instance's display live at "
+        "http://HOST:PORT/ (HOST defaults to 127.0.0.1)",
     )
     serve.add_argument(
         "--name", default=None, help="instance name used in logs (default: gpu0, gpu1, ...)"
@@ -234,15 +269,20 @@ def serve(args: argparse.Namespace) -> int:
     if failed:
         server.close()
         return failed
-    control: ControlServer | None = None
-    if args.control is not None:
-        try:
-            control = ControlServer(args.control, Control(server, args.control.parent))
-        except SocketPathError as exc:
-            log.error("cannot serve control on %s: %s", args.control, exc)
-            server.close()
-            return 1
-        control.start()
+    try:
+        control = start_control(server, args)
+    except SocketPathError as exc:
+        log.error("cannot serve control on %s: %s", args.control, exc)
+        server.close()
+        return 1
+    try:
+        viewers = start_viewers(server, args)
+    except OSError as exc:
+        log.error("cannot serve the displays: %s", exc)
+        if control is not None:
+            control.stop()
+        server.close()
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -251,6 +291,23 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    announce(server, type_name, control, viewers)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        viewers.stop()
+        if control is not None:
+            control.stop()
+        server.close()
+    return 0
+
+
+def announce(
+    server: GpuServer, type_name: str, control: ControlServer | None, viewers: Viewers
+) -> None:
+    """Say what is served: on stderr for people, on stdout for run_qemu.sh (``ready
+    SOCKET`` per instance, then ``control PATH``, ``vnc HOST:PORT``, ``web URL``)."""
     for served in server.instances.values():
         log.info(
             "serving %s (%s, %d MiB aperture) on %s",
@@ -263,14 +320,58 @@ def serve(args: argparse.Namespace) -> int:
     if control is not None:
         log.info("control socket (QMP) on %s", control.path)
         print(f"control {control.path}", flush=True)
+    for line in viewers.announce():
+        print(line, flush=True)
+
+
+def start_control(server: GpuServer, args: argparse.Namespace) -> ControlServer | None:
+    if args.control is None:
+        return None
+    control = ControlServer(args.control, Control(server, args.control.parent))
+    control.start()
+    return control
+
+
+def start_viewers(server: GpuServer, args: argparse.Namespace) -> Viewers:
+    """The VNC server and the web page the arguments ask for (OSError if a port
+    cannot be had)."""
+    viewers = Viewers()
     try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        if control is not None:
-            control.stop()
-        server.close()
-    return 0
+        if args.vnc is not None:
+            host, port = args.vnc
+            viewers.vnc = VncServer(server.displays, host, port)
+            viewers.vnc.start()
+        if args.web is not None:
+            host, port = args.web
+            viewers.web = WebServer(server.displays, host, port)
+            viewers.web.start()
+    except BaseException:
+        viewers.stop()
+        raise
+    return viewers
+
+
+@dataclass
+class Viewers:
+    vnc: VncServer | None = None
+    web: WebServer | None = None
+
+    def announce(self) -> list[str]:
+        """The lines ``serve`` prints for them (run_qemu.sh reads them)."""
+        lines = []
+        if self.vnc is not None:
+            lines.append(f"vnc {self.vnc.host}:{self.vnc.base_port}")
+            log.info("VNC: displays from port %d on %s up", self.vnc.base_port, self.vnc.host)
+        if self.web is not None:
+            lines.append(f"web {self.web.url}")
+            log.info("web page of every display: %s", self.web.url)
+        return lines
+
+    def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
+        if self.vnc is not None:
+            self.vnc.stop()
 
 
 def list_types(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ nothing a client sends can end a worker thread.
 
 from __future__ import annotations
 
+import base64
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,48 +24,25 @@ from typing import Any
 
 from device import trace
 from device.control.manager import GpuServer, ServedInstance
+from device.control.schema import (
+    COMMAND_NOT_FOUND,
+    DEVICE_NOT_FOUND,
+    ERROR_CLASSES,
+    GENERIC_ERROR,
+    Arg,
+    ControlCommand,
+    Event,
+    Handler,
+    QmpError,
+)
+from device.display import screendump
+from device.display.source import FrameSource, describe_display
 from device.errors import CapacityError, DeviceError, MgpuError, SetupError
 from device.gpu import inject
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 
 VERSION = (0, 1, 0)
 PACKAGE = "mgpu"
-
-# QMP's error classes (qapi/error.json): the ones this server answers with.
-GENERIC_ERROR = "GenericError"
-COMMAND_NOT_FOUND = "CommandNotFound"
-DEVICE_NOT_FOUND = "DeviceNotFound"
-ERROR_CLASSES = {
-    GENERIC_ERROR: "bad arguments, a name in use, not enough capacity, anything else",
-    COMMAND_NOT_FOUND: "no such command, or negotiation is not done (or done already)",
-    DEVICE_NOT_FOUND: "no instance of that name",
-}
-
-
-class QmpError(Exception):
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.desc = desc
-
-
-# JSON types of arguments: name in the schema -> check
-JSON_TYPES: dict[str, Callable[[object], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "[string]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-}
-
-
-@dataclass(frozen=True)
-class Arg:
-    name: str
-    type: str  # a key of JSON_TYPES
-    doc: str
-    required: bool = False
-    choices: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,47 +51,6 @@ class Control:
 
     server: GpuServer
     socket_dir: Path  # where instance-add puts a socket it is not given
-
-
-Handler = Callable[..., object]  # (control, **arguments) -> return value
-
-
-@dataclass(frozen=True)
-class ControlCommand:
-    name: str
-    doc: str
-    args: tuple[Arg, ...]
-    returns: str
-    handler: Handler
-
-    def check(self, arguments: object) -> dict[str, Any]:
-        """The arguments, checked against the table (QmpError GenericError if bad)."""
-        if arguments is None:
-            arguments = {}
-        if not isinstance(arguments, dict):
-            raise QmpError(GENERIC_ERROR, "QMP input member 'arguments' must be an object")
-        known = {a.name: a for a in self.args}
-        for key in arguments:
-            if key not in known:
-                raise QmpError(GENERIC_ERROR, f"Parameter '{key}' is unexpected")
-        for arg in self.args:
-            if arg.name not in arguments:
-                if arg.required:
-                    raise QmpError(GENERIC_ERROR, f"Parameter '{arg.name}' is missing")
-                continue
-            value = arguments[arg.name]
-            if not JSON_TYPES[arg.type](value):
-                raise QmpError(
-                    GENERIC_ERROR,
-                    f"Invalid parameter type for '{arg.name}', expected: {arg.type}",
-                )
-            if arg.choices and value not in arg.choices:
-                raise QmpError(
-                    GENERIC_ERROR,
-                    f"Parameter '{arg.name}' does not accept value '{value}' "
-                    f"(one of: {', '.join(arg.choices)})",
-                )
-        return dict(arguments)
 
 
 COMMANDS: dict[str, ControlCommand] = {}
@@ -129,13 +66,6 @@ def command(name: str, doc: str, returns: str, *args: Arg) -> Callable[[Handler]
         return handler
 
     return declare
-
-
-@dataclass(frozen=True)
-class Event:
-    name: str
-    doc: str
-    data: tuple[str, ...]  # the members of ``data`` besides ``instance``
 
 
 EVENTS: dict[str, Event] = {
@@ -356,6 +286,60 @@ def _instance_reset(control: Control, name: str) -> object:
     return {}
 
 
+# ---------------------------------------------------------------------- displays
+
+
+def display_source(control: Control, name: str) -> FrameSource:
+    """The display called ``name``: DeviceNotFound if there is no such instance, a
+    GenericError if the instance has no display."""
+    source = control.server.displays.get(name)
+    if source is not None:
+        return source
+    instance_of(control, name)
+    raise QmpError(
+        GENERIC_ERROR,
+        f"instance '{name}' has no display (its device model has no display engine); "
+        "query-displays lists the displays",
+    )
+
+
+@command(
+    "query-displays",
+    "the displays (an instance has one when its device model has a display engine), "
+    "their current mode and where to watch them",
+    "[{name, width, height, format, serial, problem, vnc, web}]",
+)
+def _query_displays(control: Control) -> object:
+    shown = []
+    for name in control.server.displays.names():
+        source = control.server.displays.get(name)
+        if source is not None:
+            shown.append({**describe_display(source), **control.server.displays.addresses(name)})
+    return shown
+
+
+@command(
+    "screendump",
+    "what an instance's display shows, as PNG (encoded by Pillow): written to `filename` "
+    "on the server's side, or returned base64-encoded",
+    "{width, height, filename} or {width, height, png}",
+    NAME,
+    Arg("filename", "string", "an absolute path the server writes the PNG to (default: "
+        "return it as `png`, base64)"),
+)  # fmt: skip
+def _screendump(control: Control, name: str, filename: str | None = None) -> object:
+    source = display_source(control, name)
+    if filename is not None:
+        path = Path(filename)
+        if not path.is_absolute():
+            raise QmpError(GENERIC_ERROR, f"filename must be an absolute path, not {filename!r}")
+        width, height = screendump.write_png(source, path)
+        return {"width": width, "height": height, "filename": filename}
+    rgb = screendump.capture(source)
+    png = base64.b64encode(screendump.png_bytes(rgb)).decode()
+    return {"width": rgb.shape[1], "height": rgb.shape[0], "png": png}
+
+
 # ---------------------------------------------------------------------- tracing
 
 
@@ -446,3 +430,12 @@ COMMANDS["inject-fault"] = ControlCommand(
 )
 def _inject_clear(control: Control, name: str, fault: str | None = None) -> object:
     return {"cleared": instance_of(control, name).device.faults.clear(fault)}
+
+
+# The schema's vocabulary is re-exported: the QMP server, the docs and tests take it
+# from here, with the table.
+__all__ = [
+    "COMMANDS", "COMMAND_NOT_FOUND", "DEVICE_NOT_FOUND", "ERROR_CLASSES", "EVENTS",
+    "GENERIC_ERROR", "Arg", "Control", "ControlCommand", "Event", "Handler", "QmpError",
+    "command", "instance_of", "run",
+]  # fmt: skip

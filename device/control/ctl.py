@@ -3,6 +3,7 @@ socket (``mgpu serve --control PATH``) with ``qemu.qmp``'s own client.
 
     mgpu types | list | start --type T [--uuid U] | stop U
     mgpu faults [--follow] | trace start|stop|status | inject NAME FAULT | top
+    mgpu displays | screendump NAME FILE.png
 
 Each prints a table for people, or the command's JSON with ``--json``.  The socket
 comes from ``--control`` or ``$MGPU_CONTROL``.  Errors the server answers with are
@@ -14,6 +15,7 @@ socket, say) and a server that goes away while a command or ``--follow`` waits.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -268,6 +270,29 @@ def cmd_top(client: Client, args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_displays(client: Client, args: argparse.Namespace) -> Any:
+    displays = client.call("query-displays")
+    rows = [
+        {
+            **d,
+            "mode": f"{d['width']}x{d['height']} {d['format']}" if d["width"] else "-",
+            "vnc": d.get("vnc") or "-",
+            "problem": d["problem"] or "",
+        }
+        for d in displays
+    ]
+    return displays, table(rows, ("name", "mode", "serial", "vnc", "problem"))
+
+
+def cmd_screendump(client: Client, args: argparse.Namespace) -> Any:
+    result = client.call("screendump", name=args.name)
+    data = base64.b64decode(result["png"])
+    with open(args.file, "wb") as out:
+        out.write(data)
+    shown = {k: v for k, v in result.items() if k != "png"} | {"file": args.file}
+    return shown, f"{args.file}: {result['width']}x{result['height']} PNG, {len(data)} bytes"
+
+
 def _fault_params() -> list[str]:
     return list(dict.fromkeys(p for s in inject.FAULTS.values() for p in s.params))
 
@@ -316,6 +341,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     for param in _fault_params():
         kind = next(s.params[param] for s in inject.FAULTS.values() if param in s.params)
         injecting.add_argument(f"--{param}", type=kind.type, default=None, help=kind.doc)
+    client_parser("displays", cmd_displays, "list the displays, their modes and VNC ports")
+    dump = client_parser("screendump", cmd_screendump, "save what an instance shows as PNG")
+    dump.add_argument("name", help="the instance")
+    dump.add_argument("file", help="the PNG file to write (here, on the client's side)")
     top = client_parser("top", cmd_top, "live per-instance activity")
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--count", type=int, default=None, help="stop after this many samples")

@@ -5,6 +5,11 @@ instance of a type, serves it on its own vfio-user socket, and destroys it again
 (disconnecting its client, freeing its resources).  Creating more than the physical
 GPU can hold raises ``CapacityError`` with what is left.
 
+Displays: an instance whose device model has a display (``display_of``: the
+instance's ``display`` attribute, a ``FrameSource``) is registered in ``displays``
+under its name while it lives; screendumps, the VNC server and the web page find it
+there.
+
 Events (the control socket's, docs/control.md) go to ``listeners`` as (name, data):
 INSTANCE_ADDED and INSTANCE_DELETED from here, CLIENT_CONNECTED and
 CLIENT_DISCONNECTED from each endpoint, and whatever each instance reports (faults,
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device.display.registry import DisplayRegistry
+from device.display.source import display_of
 from device.errors import CapacityError
 from device.gpu.instance.instance import GpuInstance
 from device.gpu.memory.physical import PhysicalGpu
@@ -62,6 +69,7 @@ class GpuServer:
         self.physical = physical
         self.instances: dict[str, ServedInstance] = {}
         self.listeners: list[EventListener] = []
+        self.displays = DisplayRegistry()
         self._lock = threading.Lock()
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
@@ -101,6 +109,9 @@ class GpuServer:
             endpoint.on_client = lambda connected: self._client(served, connected)
             endpoint.start()
             self.instances[name] = served
+            display = display_of(device)
+            if display is not None:
+                self.displays.add(display, name)
         log.info("created %s (%s) on %s", name, type_name, socket_path)
         self.emit(
             "INSTANCE_ADDED", {"instance": name, "type": type_name, "socket": str(socket_path)}
@@ -115,6 +126,7 @@ class GpuServer:
     def destroy_instance(self, name: str) -> None:
         with self._lock:
             served = self.instances.pop(name)
+            self.displays.remove(name)
         served.endpoint.stop()
         served.device.close()
         log.info("destroyed %s", name)

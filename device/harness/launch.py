@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from device.control.ctl import Client
 from device.harness.launch_options import (
     DEFAULT_RUN_TIMEOUT,
     DENIAL_LOG,
@@ -78,6 +79,9 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
     ]  # fmt: skip
     for path in sockets:
         serve += ["--socket", str(path)]
+    viewers = [opt for opt in ("vnc", "web") if getattr(args, opt) is not None]
+    for opt in viewers:
+        serve += [f"--{opt}", getattr(args, opt)]
     server: subprocess.Popen[str] | None = None
     try:
         with open(server_log, "w") as log:
@@ -85,12 +89,16 @@ def gpu_server(args: argparse.Namespace, workdir: Path) -> Iterator[list[Path]]:
                 serve, stdout=subprocess.PIPE, stderr=log, text=True, stdin=subprocess.DEVNULL
             )
         assert server.stdout is not None
-        # One "ready" line per instance, then the control socket's "control" line.
-        for prefix in ["ready "] * len(sockets) + ["control "]:
-            if not server.stdout.readline().startswith(prefix):
+        # One "ready" line per instance, the control socket's "control" line, then
+        # "vnc HOST:PORT" and "web URL" when asked for.
+        for prefix in ["ready "] * len(sockets) + ["control "] + [f"{v} " for v in viewers]:
+            line = server.stdout.readline()
+            if not line.startswith(prefix):
                 raise GuestError(
                     f"the GPU server did not start; its log:\n{server_log.read_text()}"
                 )
+            if prefix.strip() in viewers:
+                progress(f"mgpu: {show_viewer(prefix.strip(), line.split()[1], control_path)}")
         for line in server_log.read_text().splitlines():
             if " WARNING " in line or " ERROR " in line:  # e.g. no FUSE: trap mode instead
                 progress(f"mgpu: the GPU server says: {line}")
@@ -176,6 +184,20 @@ class Stopped(Exception):
 
 def _stop(_signum: int, _frame: object) -> None:
     raise Stopped
+
+
+def show_viewer(kind: str, where: str, control_path: Path) -> str:
+    """What ``serve``'s "vnc" or "web" line means for the user, with each display's port."""
+    if kind == "web":
+        return f"every GPU's display live at {where}"
+    client = Client(str(control_path))
+    try:
+        displays = client.call("query-displays")
+        ports = [f"{d['name']} on {d['vnc']}" for d in displays if d.get("vnc")]
+    finally:
+        client.close()
+    shown = ", ".join(ports) or "none yet (no instance has a display engine)"
+    return f"VNC from {where} up, one port per display: {shown}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="guest kernel command line additions (default: quiet; "
         "use --append '' for the kernel's boot messages)",
     )
+    parser.add_argument(
+        "--vnc",
+        nargs="?",
+        const="5900",
+        metavar="[HOST:]PORT",
+        help="watch each GPU's display over VNC: the first on PORT (default 5900), the "
+        "next on PORT+1, ...; HOST defaults to 127.0.0.1 (the ports are printed)",
+    )
+    parser.add_argument(
+        "--web",
+        nargs="?",
+        const="8000",
+        metavar="[HOST:]PORT",
+        help="one web page with every GPU's display live (default port 8000, 127.0.0.1)",
+    )
     loop = parser.add_argument_group("the edit-build-load loop")
     loop.add_argument(
         "--share",

@@ -30,7 +30,8 @@ Fixtures:
 
 Helpers: ``fault_log(instance)`` (the instance's ``FaultLog``: records with seq, kind
 and offset, ``.since(seq)``), ``FaultCursor`` (what is new since the last look),
-``read_register(instance, name)``, ``kernel_problems(text)``.
+``read_register(instance, name)``, ``kernel_problems(text)``, ``screendump(instance)``
+(what its display shows, a PIL image; ``guest.screendump(n)`` for a guest's n-th GPU).
 
 After every test each of its guests' kernel log (``dmesg``, or the serial console if
 the guest is gone) is checked: a WARN, BUG, Oops, KASAN/UBSAN report, general
@@ -52,8 +53,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from device.control.manager import GpuServer, ServedInstance
+from device.display import screendump as display_screendump
+from device.display.source import display_of
+from device.errors import FrameError
 from device.gpu.aperture.fault_log import FaultLog, FaultRecord
 from device.gpu.instance.instance import GpuInstance
 from device.gpu.memory.physical import PhysicalGpu
@@ -71,6 +76,7 @@ __all__ = [
     "fault_log",
     "kernel_problems",
     "read_register",
+    "screendump",
 ]
 
 MiB = 1024 * 1024
@@ -102,6 +108,16 @@ def read_register(served: ServedInstance | GpuInstance, name: str) -> int:
     return _instance_of(served).registers.get(name)
 
 
+def screendump(served: ServedInstance | GpuInstance) -> Image.Image:
+    """What the instance's display shows, as an RGB PIL image (FrameError if the
+    instance has no display, the display is off or its frame is bad)."""
+    device = _instance_of(served)
+    source = display_of(device)
+    if source is None:
+        raise FrameError(f"instance {device.name!r} has no display (no display engine)")
+    return display_screendump.image(source)
+
+
 class FaultCursor:
     """What a fault log recorded since the last look::
 
@@ -131,6 +147,10 @@ class Guest(GuestVM):
             runtime, workdir, vfio_user_sockets=[i.endpoint.path for i in instances], **kw
         )
         self.instances = list(instances)
+
+    def screendump(self, index: int = 0) -> Image.Image:
+        """What GPU instance ``index`` of this guest shows, as an RGB PIL image."""
+        return screendump(self.instances[index])
 
     def gpus(self) -> list[str]:
         """The PCI addresses of the mgpu GPUs the guest sees."""
