@@ -14,6 +14,7 @@ LAYERS = [
     "units",
     "trace",
     "vfio_user",
+    "conformance",  # a client of the protocol only: tests any vfio-user server
     "pci",
     "fuse",
     "gpu",
