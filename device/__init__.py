@@ -36,6 +36,9 @@ the ones below it, never above.
                   faults (protocol: the kernel protocol; server: mount, serve, revoke)
     pci/          PCI building blocks: config space (config) and one builder per
                   capability (capabilities)
+    conformance/  a vfio-user conformance suite, a client of the protocol only: good and
+                  hostile checks against any server by its socket path
+                  (``python -m device.conformance``; the checks: docs/conformance.md)
     vfio_user/    the vfio-user stack: protocol/ (sans-IO codec: constants, messages,
                   framing), transport (unix socket, SCM_RIGHTS), session (one client's
                   state and the one dispatcher), server (endpoints and their threads),
@@ -53,7 +56,8 @@ Which file to open:
     change how an aperture page maps    gpu/memory/page_table.py (the table) and
                                         Aperture.fault in gpu/aperture/window.py
     support a new vfio-user message     vfio_user/protocol/messages.py (its layout) and
-                                        vfio_user/session.py (its handler)
+                                        vfio_user/session.py (its handler), then a check in
+                                        conformance/checks_*.py and ``python -m device.docs``
     a new PCI capability                pci/capabilities.py, then gpu/instance/identity.py
     create instances differently        control/manager.py
     add a control command or event      control/commands.py (one decorated function), then
