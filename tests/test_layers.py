@@ -18,6 +18,7 @@ LAYERS = [
     "pci",
     "fuse",
     "gpu",
+    "insight",  # reads the device model's tables: trace decoding (and later coverage, replay)
     "control",
     "harness",
     "docs",
