@@ -116,7 +116,10 @@ class Decoder:
         name = field_of(record, "instance", str)
         if field_of(record, "ph", str, "i") not in ("B", "E", "i"):
             raise RecordError(f"phase {record['ph']!r} is not B, E or i")
-        return handler(self.instances.setdefault(name, Instance()), record)
+        state = self.instances.get(name)
+        if state is None:
+            state = self.instances[name] = Instance()
+        return handler(state, record)
 
     def decode_all(self, records: Iterable[Record]) -> list[Line]:
         return [self.decode(r) for r in sorted(records, key=sequence)]
