@@ -262,8 +262,8 @@ def render_conformance() -> str:
         "it reads config space and offset 0 of each readable region and rewrites the "
         "config COMMAND register with the value it holds, and writes nowhere else. Every "
         "wait is bounded by `--timeout`; after each check a new client must be served "
-        "(with `--launch CMD`, the suite starts the server itself, again whenever it exits, "
-        "and a server killed by a signal or exiting with an error is a crash). Exit status "
+        "(with `--launch CMD`, the suite starts a fresh server for each check, and a server "
+        "killed by a signal or exiting with an error is a crash). Exit status "
         "0 when every check that applies passed.",
         "",
         "*good*: what a correct client sends; *hostile*: what a broken or malicious one "

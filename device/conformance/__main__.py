@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--launch", metavar="CMD", default=None,
-        help="start the server with CMD ({socket} is replaced by PATH), and again whenever "
-        "it exits (for servers that serve one client and exit, like libvfio-user's samples)",
+        help="start the server with CMD ({socket} is replaced by PATH), a fresh one for each "
+        "check (for servers that serve one client and exit, like libvfio-user's samples; a "
+        "server killed by a signal or exiting with an error is reported as a crash)",
     )  # fmt: skip
     parser.add_argument(
         "--check", action="append", default=None, metavar="GLOB",

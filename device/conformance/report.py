@@ -25,7 +25,8 @@ def summary(report: Report) -> str:
                         (Outcome.SKIP, "skipped"), (Outcome.NOT_RUN, "not run"))
         if report.count(o)
     )  # fmt: skip
-    return f"{len(report.results)} checks: {counts or 'none'}"
+    noun = "check" if len(report.results) == 1 else "checks"
+    return f"{len(report.results)} {noun}: {counts or 'none'}"
 
 
 def describe(device: Device) -> str:

@@ -11,10 +11,11 @@ runner asks the ``Target`` whether the server is still there:
 - ``SocketTarget`` (a server someone else runs): a new connection must be served;
   if not, the check that came before is blamed and every later check is reported as
   not run, with the reason.
-- ``LaunchedTarget`` (``--launch CMD``): the suite starts the server itself, again
-  whenever it has exited.  A server may exit when its client leaves (libvfio-user's
-  samples do); exiting by a signal or with a non-zero status is a crash, reported
-  against the check that caused it with the last lines the server printed.
+- ``LaunchedTarget`` (``--launch CMD``): the suite starts a fresh server for the
+  discovery and for each check, so every check meets a server in its first state
+  and a crash is blamed on the check that caused it.  A server may exit when its
+  client leaves (libvfio-user's samples do); exiting by a signal or with a non-zero
+  status is a crash, reported with the last lines the server printed.
 
 Nothing a server does raises out of ``run``: every outcome is a ``Result``.
 """
@@ -116,8 +117,8 @@ class LaunchedTarget:
         self.launches = 0
 
     def prepare(self) -> str:
-        if self.process is not None and self.process.poll() is None:
-            return ""
+        """A freshly started server for what comes next; the last one is stopped."""
+        self.stop_process()
         remove_stale_socket(self.path)
         self.log.seek(0)
         self.log.truncate()  # the last output shown is this launch's
@@ -139,6 +140,8 @@ class LaunchedTarget:
         return f"the server did not listen on {self.path} within {LAUNCH_WAIT:g} s"
 
     def after_check(self, device: Device) -> tuple[str, bool]:
+        """A server may exit when its client leaves (status 0); a signal or another
+        status is a crash.  One still running must serve a new client."""
         process = self.process
         if process is None:
             return "", False
@@ -146,9 +149,9 @@ class LaunchedTarget:
             reason = probe(self.path, device, self.timeout)
             if not reason or wait_exit(process, EXIT_GRACE_LONG) == 0:
                 return "", False
-            return f"the server stopped serving: {reason}{self.tail()}", True
+            return f"the server stopped serving: {reason}{self.tail()}", False
         if process.returncode == 0:
-            return "", False  # it exits with its client: the next check starts another
+            return "", False
         return f"the server crashed ({self.status()}){self.tail()}", False
 
     def status(self) -> str:
@@ -162,13 +165,16 @@ class LaunchedTarget:
         text = self.log.read()[-4096:].decode(errors="replace").strip().splitlines()[-lines:]
         return "; its last output: " + " | ".join(text) if text else ""
 
-    def stop(self) -> None:
-        process = self.process
+    def stop_process(self) -> None:
+        process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.terminate()
             if wait_exit(process, 2.0) is None:
                 process.kill()
                 process.wait()
+
+    def stop(self) -> None:
+        self.stop_process()
         self.log.close()
 
 

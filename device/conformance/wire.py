@@ -207,10 +207,7 @@ class Peer:
         except (NoReply, HungUp):
             return
         close_fds(frame.fds)
-        header = frame.header
-        raise Violation(
-            f"{what}, yet the server sent {command_name(header.command)} id {header.msg_id}"
-        )
+        raise Violation(f"{what}, yet the server sent {describe(frame.header)}")
 
     def serve_request(self, frame: Frame) -> None:
         """A request of the server's own: refused (this client maps no memory)."""
@@ -221,6 +218,16 @@ class Peer:
             self.send(
                 m.encode_message(header.msg_id, header.command, reply=True, error=errno.EFAULT)
             )
+
+
+def describe(header: m.Header) -> str:
+    """``an error reply (EINVAL) to DMA_READ id 7``, ``a request REGION_READ id 3``."""
+    name = f"{command_name(header.command)} id {header.msg_id}"
+    if not header.is_reply:
+        return f"a request {name}"
+    if header.is_error:
+        return f"an error reply ({errno.errorcode.get(header.error, header.error)}) to {name}"
+    return f"a reply to {name}"
 
 
 def check_reply(reply: Reply, msg_id: int, command: int) -> None:

@@ -8,11 +8,13 @@ import errno
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -209,10 +211,13 @@ def test_a_reply_with_the_wrong_id_stops_the_run_at_discovery_and_says_why(
 # ---------------------------------------------------------------------- hostile servers
 
 
-@pytest.fixture
-def silent_server(short_tmp: Path) -> Iterator[Path]:
-    """Accepts every connection and reads it, and never answers."""
-    path = short_tmp / "silent.sock"
+Answer = Callable[[socket.socket, bytes], None]
+
+
+@contextmanager
+def raw_server(path: Path, answer: Answer) -> Iterator[Path]:
+    """A hostile server: accepts every connection and calls ``answer(conn, bytes)`` for
+    whatever arrives; every socket is closed at the end."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(8)
@@ -223,20 +228,92 @@ def silent_server(short_tmp: Path) -> Iterator[Path]:
         listener.settimeout(0.05)
         while not stop.is_set():
             try:
-                held.append(listener.accept()[0])
+                conn = listener.accept()[0]
             except TimeoutError:
                 continue
             except OSError:
                 return
+            held.append(conn)
+            conn.settimeout(0.05)
+            try:
+                while not stop.is_set():
+                    try:
+                        data = conn.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        break
+                    answer(conn, data)
+            except OSError:
+                pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield path
-    stop.set()
-    thread.join(5)
-    listener.close()
-    for conn in held:
-        conn.close()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.fixture
+def silent_server(short_tmp: Path) -> Iterator[Path]:
+    """Accepts every connection and reads it, and never answers."""
+    with raw_server(short_tmp / "silent.sock", lambda conn, data: None) as path:
+        yield path
+
+
+def version_id(data: bytes) -> int:
+    return int.from_bytes(data[:2], "little")
+
+
+def huge_reply(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(struct.pack("<HHIII", version_id(data), 1, 0xFFFFFFFF, 1, 0))
+
+
+def wrong_id(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(m.encode_message(version_id(data) ^ 1, 1, b"", reply=True))
+
+
+def endless_requests(conn: socket.socket, data: bytes) -> None:
+    request = m.encode_message(9, Command.DMA_READ, bytes(16), reply=False, no_reply=True)
+    conn.sendall(request * 1200)
+
+
+def error_with_payload(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(m.encode_message(version_id(data), 1, b"xx", reply=True, error=22))
+
+
+def slow_drip(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(b"\x01")
+    time.sleep(0.3)
+
+
+HOSTILE_ANSWERS: list[tuple[str, Answer, str]] = [
+    ("a 4 GiB reply", huge_reply, "the server sent a broken message"),
+    ("the wrong id", wrong_id, "a reply with id"),
+    ("requests without end", endless_requests, "requests, no reply"),
+    ("an error reply with a payload", error_with_payload, "carries 2 payload bytes"),
+    ("a reply dripped too slowly", slow_drip, "only 1 bytes of a message"),
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"), [h[1:] for h in HOSTILE_ANSWERS], ids=[h[0] for h in HOSTILE_ANSWERS]
+)
+def test_a_hostile_server_is_reported_not_obeyed(
+    short_tmp: Path, answer: Answer, reason: str
+) -> None:
+    with raw_server(short_tmp / "hostile.sock", answer) as path:
+        started = time.monotonic()
+        result = run(SocketTarget(str(path), 0.2), CHECKS[:3], timeout=0.2)
+    assert time.monotonic() - started < 5
+    assert result.problem.startswith("the server did not describe itself"), result.problem
+    assert reason in result.problem
+    assert "run stopped" in report.text(result)
 
 
 def test_a_server_that_never_answers_costs_bounded_time(silent_server: Path) -> None:
@@ -293,7 +370,7 @@ while True:
 """
 
 
-def test_a_launched_server_that_crashes_is_blamed_and_started_again(short_tmp: Path) -> None:
+def test_a_launched_server_that_crashes_is_blamed_and_the_next_check_runs(short_tmp: Path) -> None:
     script = short_tmp / "crashy.py"
     script.write_text(CRASHING_SERVER)
     path = str(short_tmp / "crashy.sock")
@@ -302,7 +379,7 @@ def test_a_launched_server_that_crashes_is_blamed_and_started_again(short_tmp: P
     target = LaunchedTarget(command, path, 5.0)
     try:
         result = run(target, chosen, timeout=5.0)
-        assert target.launches == 2, "started again after the crash"
+        assert target.launches == 3, "a fresh server for the discovery and each check"
     finally:
         target.stop()
     crash = result.results[0]
@@ -310,7 +387,7 @@ def test_a_launched_server_that_crashes_is_blamed_and_started_again(short_tmp: P
     assert "the server crashed (killed by SIGKILL)" in crash.detail
     assert "crashing on purpose" in crash.detail, "its last output is in the report"
     assert result.results[1].outcome is Outcome.PASS
-    assert target.process is not None and target.process.poll() is not None
+    assert target.process is None, "stopped"
 
 
 def test_a_launch_command_that_fails_at_start_is_reported(short_tmp: Path) -> None:
