@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m device.conformance",
         description="Check a vfio-user server against the protocol, good and hostile "
         "requests alike, by its socket path. Only what the server says about its device "
-        "is assumed. It reads config space and offset 0 of each readable region and "
-        "rewrites the config COMMAND register with its own value; it writes nowhere else.",
+        "is assumed. It reads config space and offset 0 of each readable region, rewrites "
+        "the config COMMAND register with its own value, maps DMA memory of its own, fires "
+        "an interrupt and resets the device if it offers reset; it writes to no BAR. Run it "
+        "against a server no guest is using.",
     )
     parser.add_argument("--socket", required=True, metavar="PATH", help="the server's socket")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

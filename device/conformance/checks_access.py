@@ -5,7 +5,8 @@ harmless: the config space COMMAND register, with the value it just read.  It re
 the PCI header of config space and offset 0 of each readable region; a device may
 refuse a read of a width it does not support, so for BARs only the form of the answer
 is checked.  DMA maps name guest memory the suite owns (a sealed memfd, or none), and
-the device is never asked to use it.
+the device is never asked to use it.  DEVICE_RESET resets the device (when it offers
+reset): the suite is for a server no guest is using.
 """
 
 from __future__ import annotations
