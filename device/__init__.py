@@ -10,6 +10,10 @@ the ones below it, never above.
                   events, manager), the command table (commands: the single source
                   of truth of the control socket), the QMP control socket (qmp), the
                   command line (cli) and its mdevctl-style client commands (ctl)
+    insight/      what the device saw, in the driver's words: names from the device's
+                  tables (names), trace records decoded (decode: mgpu trace show --decode,
+                  mgpu trace decode FILE) and laid out for Perfetto (perfetto); coverage
+                  and record/replay are designed in docs/insight.md
     gpu/          the device model, in sublayers (bottom up; tests/test_layers.py):
                     abi               the numbers a guest driver hard-codes: error codes,
                                       interrupt bits, resource commands, status values
@@ -60,6 +64,8 @@ Which file to open:
                                         conformance/checks_*.py and ``python -m device.docs``
     a new PCI capability                pci/capabilities.py, then gpu/instance/identity.py
     create instances differently        control/manager.py
+    decode a new register or value      gpu/regs/table.py and abi.py (names come from them);
+                                        a meaning of a value in insight/meanings.py
     add a control command or event      control/commands.py (one decorated function), then
                                         ``python -m device.docs``
     add an injectable fault             gpu/inject.py (FAULTS and a hook where it bites)

@@ -272,6 +272,7 @@ def run_one(check: Check, path: str, device: Device, timeout: float) -> Result:
     worker.join(CHECK_TIME_FACTOR * timeout)
     trial.close()  # ends any wait a stuck check is in
     worker.join(timeout)
+    trial.close()  # and whatever it connected meanwhile
     seconds = time.monotonic() - started
     if not outcome:
         return Result(check, Outcome.FAIL, f"did not finish in {seconds:.1f} s", seconds)
