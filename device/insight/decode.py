@@ -177,7 +177,10 @@ class Decoder:
         if action is WriteAction.INT_ACK:
             return f"acknowledge {names.flags(IntBit, value)}", None, 0
         if action is WriteAction.DEVICE_RESET:
-            return ("reset the instance" if value & 1 else "no effect (bit 0 clear)"), None, 0
+            if not value & 1:
+                return "no effect (bit 0 clear)", None, 0
+            state.reset()
+            return "reset the instance", None, 0
         if register.offset == REG["INT_MASK"]:
             return f"mask {names.flags(IntBit, value)}", None, 0
         return "", None, 0
@@ -189,14 +192,20 @@ class Decoder:
         if offset == offsets.control:
             if not value & abi.RING_CONTROL_ENABLE:
                 ring.submissions.clear()
+                ring.enabled = False
                 return "disable the ring", None, 0
+            ring.enabled = True
             ring.size = state.values.get(offsets.size, 0)
             ring.base = state.values.get(offsets.base_lo, 0) | (
                 state.values.get(offsets.base_hi, 0) << 32
             )
             ring.tail = 0
             ring.submissions.clear()
-            return f"enable the ring: base {ring.base:#x}, {names.size_text(ring.size)}", None, 0
+            size = ring.size
+            valid = not ring.base % COMMAND_SIZE and not size & (size - 1)
+            valid = valid and abi.RING_MIN_SIZE <= size <= abi.RING_MAX_SIZE
+            note = "" if valid else " (not a valid ring: it goes to ERROR)"
+            return f"enable the ring: base {ring.base:#x}, {names.size_text(size)}{note}", None, 0
         if offset == offsets.tail:
             return self._submit(state, ring, value)
         if offset == offsets.size:
@@ -212,6 +221,8 @@ class Decoder:
 
     def _submit(self, state: Instance, ring: Ring, tail: int) -> tuple[str, Submission | None, int]:
         old, ring.tail = ring.tail, tail
+        if ring.enabled is False:
+            return "the ring is disabled: nothing runs", None, 0
         if old is None:
             return "the tail before is unknown (tracing began later)", None, 0
         span = tail - old

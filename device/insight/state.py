@@ -32,6 +32,7 @@ class Ring:
     size: int | None = None  # latched at enable; None until the decoder sees it
     base: int | None = None
     tail: int | None = None
+    enabled: bool | None = None  # None until the decoder sees it enabled or disabled
     submissions: list[Submission] = field(default_factory=list)
 
     def owner(self, offset: int) -> Submission | None:
@@ -52,6 +53,12 @@ class Instance:
     submissions: int = 0
     running: Submission | None = None  # the submission of the command now running
     last: Submission | None = None  # the submission of the last command that ran
+
+    def reset(self) -> None:
+        """A device reset: registers at their reset values, every ring disabled."""
+        self.values.clear()
+        self.rings = [Ring(tail=0, enabled=False) for _ in CONTEXTS]
+        self.running = self.last = None
 
     def value64(self, low: str) -> int:
         base = REG[low]

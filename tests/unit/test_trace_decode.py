@@ -156,6 +156,24 @@ def test_a_tail_that_wraps_queues_the_commands_between() -> None:
     assert said[6] == "CTX1_RING_HEAD -> 0xfc0: 2 commands pending"
 
 
+def test_a_reset_or_a_disabled_ring_queues_nothing() -> None:
+    records = [
+        register(1, "CTX0_RING_SIZE", 4096),
+        register(2, "CTX0_RING_CONTROL", 1),
+        register(3, "CTX0_RING_TAIL", 0x80),
+        register(4, "DEVICE_RESET", 1),
+        register(5, "CTX0_RING_TAIL", 0x40),
+        register(6, "CTX0_RING_CONTROL", 1),
+        register(7, "CTX0_RING_TAIL", 0x40),
+    ]
+    said = texts(Decoder().decode_all(records))
+    assert said[3] == "DEVICE_RESET <- 0x1: reset the instance"
+    assert said[4] == "CTX0_RING_TAIL <- 0x40: the ring is disabled: nothing runs"
+    enable = "CTX0_RING_CONTROL <- 0x1: enable the ring: base 0x0, 0 bytes"
+    assert said[5] == f"{enable} (not a valid ring: it goes to ERROR)"
+    assert said[6] == "CTX0_RING_TAIL <- 0x40: 1 command queued"
+
+
 def test_a_trace_that_began_late_says_what_it_cannot_know() -> None:
     said = texts(Decoder().decode_all([register(1, "CTX2_RING_TAIL", 0x80)]))
     assert said == ["CTX2_RING_TAIL <- 0x80: the tail before is unknown (tracing began later)"]
