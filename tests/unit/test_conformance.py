@@ -390,6 +390,39 @@ def test_a_launched_server_that_crashes_is_blamed_and_the_next_check_runs(short_
     assert target.process is None, "stopped"
 
 
+# A server that serves one client and exits 0 when it leaves, as libvfio-user's samples
+# do; it removes its socket on the way out.
+ONE_SHOT_SERVER = """
+import sys, time
+from pathlib import Path
+from device.gpu.instance.instance import GpuInstance
+from device.vfio_user.server import Endpoint
+
+device = GpuInstance("oneshot", aperture_size=1 << 20)
+endpoint = Endpoint(Path(sys.argv[1]), device, "oneshot")
+endpoint.start()
+while endpoint.clients_served == 0:
+    time.sleep(0.001)
+endpoint.stop()  # no more clients: the socket goes at once
+time.sleep(0.2)  # and the process is slow to leave: the next check comes meanwhile
+"""
+
+
+def test_a_one_shot_server_gets_a_fresh_launch_for_every_check(short_tmp: Path) -> None:
+    """Regression: the check after the discovery found the discovery's server still
+    exiting, was not given a new one, and failed with 'cannot connect'."""
+    script = short_tmp / "oneshot.py"
+    script.write_text(ONE_SHOT_SERVER)
+    command = f"env PYTHONPATH={ROOT} {sys.executable} {script} {{socket}}"
+    chosen = [c for c in CHECKS if c.name in ("version-negotiates", "read-config-header")]
+    target = LaunchedTarget(command, str(short_tmp / "oneshot.sock"), 2.0)
+    try:
+        result = run(target, chosen, timeout=2.0)
+    finally:
+        target.stop()
+    assert [r.outcome for r in result.results] == [Outcome.PASS, Outcome.PASS], report.text(result)
+
+
 def test_a_launch_command_that_fails_at_start_is_reported(short_tmp: Path) -> None:
     target = LaunchedTarget(f"{sys.executable} -c 'raise SystemExit(3)'", str(short_tmp / "s"), 1)
     try:
