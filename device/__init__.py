@@ -12,6 +12,10 @@ the ones below it, never above.
                   of truth of the control socket; schema: what it is made of), the
                   QMP control socket (qmp), the command line (cli: serve, with
                   --vnc and --web) and its mdevctl-style client commands (ctl)
+    insight/      what the device saw, in the driver's words: names from the device's
+                  tables (names), trace records decoded (decode: mgpu trace show --decode,
+                  mgpu trace decode FILE) and laid out for Perfetto (perfetto); coverage
+                  and record/replay are designed in docs/insight.md
     display/      what instances show: the FrameSource protocol a display engine
                   implements and Framebuffer, one over a numpy buffer (source),
                   frames and pixel formats to RGB (frame), the displays by name
@@ -44,6 +48,9 @@ the ones below it, never above.
                   faults (protocol: the kernel protocol; server: mount, serve, revoke)
     pci/          PCI building blocks: config space (config) and one builder per
                   capability (capabilities)
+    conformance/  a vfio-user conformance suite, a client of the protocol only: good and
+                  hostile checks against any server by its socket path
+                  (``python -m device.conformance``; the checks: docs/conformance.md)
     vfio_user/    the vfio-user stack: protocol/ (sans-IO codec: constants, messages,
                   framing), transport (unix socket, SCM_RIGHTS), session (one client's
                   state and the one dispatcher), server (endpoints and their threads),
@@ -61,9 +68,12 @@ Which file to open:
     change how an aperture page maps    gpu/memory/page_table.py (the table) and
                                         Aperture.fault in gpu/aperture/window.py
     support a new vfio-user message     vfio_user/protocol/messages.py (its layout) and
-                                        vfio_user/session.py (its handler)
+                                        vfio_user/session.py (its handler), then a check in
+                                        conformance/checks_*.py and ``python -m device.docs``
     a new PCI capability                pci/capabilities.py, then gpu/instance/identity.py
     create instances differently        control/manager.py
+    decode a new register or value      gpu/regs/table.py and abi.py (names come from them);
+                                        a meaning of a value in insight/meanings.py
     add a control command or event      control/commands.py (one decorated function), then
                                         ``python -m device.docs``
     add an injectable fault             gpu/inject.py (FAULTS and a hook where it bites)

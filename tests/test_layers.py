@@ -14,10 +14,12 @@ LAYERS = [
     "units",
     "trace",
     "vfio_user",
+    "conformance",  # a client of the protocol only: tests any vfio-user server
     "pci",
     "fuse",
     "gpu",
     "display",
+    "insight",  # reads the device model's tables: trace decoding (and later coverage, replay)
     "control",
     "harness",
     "docs",

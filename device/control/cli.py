@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.control import ctl
+from device.control import ctl, trace_view
 from device.control.commands import Control
 from device.control.manager import GpuServer
 from device.control.qmp import ControlServer
@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.control:
             return ctl.run(args, ctl.cmd_types)
         return list_types(args)
+    if args.command == "trace" and args.action == "decode":
+        return trace_view.decode_file(args)  # a saved file: no server needed
     return ctl.run(args, args.client_command)
 
 

@@ -40,6 +40,7 @@ from device.display.source import FrameSource, describe_display
 from device.errors import CapacityError, DeviceError, MgpuError, SetupError
 from device.gpu import inject
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
+from device.insight import perfetto as perfetto_trace
 
 VERSION = (0, 1, 0)
 PACKAGE = "mgpu"
@@ -345,8 +346,9 @@ def _screendump(control: Control, name: str, filename: str | None = None) -> obj
 
 @command(
     "trace-set",
-    "start or stop tracing; stopping can write the buffered records as a Perfetto "
-    "(Chrome trace-event JSON) file",
+    "start or stop tracing; stopping can write the buffered records, decoded, as a "
+    "Perfetto (Chrome trace-event JSON) file: a track per instance, register, ring and "
+    "engine, events named in the driver's words, flows from each submit to its fence",
     "{enabled, kinds, instances, jsonl, buffered, written}",
     Arg("enable", "boolean", "start (true) or stop (false)", required=True),
     Arg("kinds", "[string]", "record only these kinds (default all): " + ", ".join(trace.KINDS)),
@@ -370,7 +372,7 @@ def _trace_set(
         trace.start(kinds, instances, Path(jsonl) if jsonl is not None else None)
     else:
         trace.stop()
-    written = trace.write_chrome_trace(Path(perfetto)) if perfetto is not None else 0
+    written = perfetto_trace.write(Path(perfetto), trace.records()) if perfetto is not None else 0
     return {**trace.status(), "written": written}
 
 

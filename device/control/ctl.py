@@ -2,8 +2,9 @@
 socket (``mgpu serve --control PATH``) with ``qemu.qmp``'s own client.
 
     mgpu types | list | start --type T [--uuid U] | stop U
-    mgpu faults [--follow] | trace start|stop|status | inject NAME FAULT | top
+    mgpu faults [--follow] | trace start|stop|show [--decode] | inject NAME FAULT | top
     mgpu displays | screendump NAME FILE.png
+    mgpu trace decode FILE [--perfetto OUT]     (a saved JSON lines file; no server)
 
 Each prints a table for people, or the command's JSON with ``--json``.  The socket
 comes from ``--control`` or ``$MGPU_CONTROL``.  Errors the server answers with are
@@ -30,6 +31,7 @@ from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from device import trace
+from device.control import trace_view
 from device.gpu import inject
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 
@@ -205,6 +207,11 @@ def cmd_trace(client: Client, args: argparse.Namespace) -> Any:
         where = f"; {result['written']} records in {perfetto} (open it in ui.perfetto.dev)"
         return result, "tracing stopped" + (where if perfetto else "")
     result = client.call("query-trace", since=args.since, limit=args.limit or 10000)
+    if args.decode:
+        # Decoding needs what came before (the tail a TAIL write moved from): give
+        # --since 0 for the whole buffer.
+        decoded = trace_view.decoded_json(result["records"])
+        return {**result, "decoded": decoded}, trace_view.decoded_table(result["records"])
     rows = [
         {**r, "ts": f"{r['ts']:.6f}", "detail": _detail(r)}
         for r in result["records"]
@@ -327,11 +334,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     faults.add_argument("--follow", action="store_true", help="then print faults as they come")
     faults.add_argument("--limit", type=int, default=None, help="stop after this many events")
     tracing = client_parser("trace", cmd_trace, "start or stop tracing, or show the records")
-    tracing.add_argument("action", choices=["start", "stop", "show"])
+    tracing.add_argument("action", choices=["start", "stop", "show", "decode"])
+    tracing.add_argument(
+        "file", nargs="?", default=None, help="decode: a JSON lines file (trace start --jsonl)"
+    )
+    tracing.add_argument(
+        "--decode", action="store_true",
+        help="show: in the driver's words (register names, commands queued, faults)",
+    )  # fmt: skip
     tracing.add_argument("--kind", action="append", choices=list(trace.KINDS), default=None)
     tracing.add_argument("--instance", action="append", default=None)
     tracing.add_argument("--jsonl", default=None, help="start: also write JSON lines here")
-    tracing.add_argument("--perfetto", default=None, help="stop: write a Perfetto trace here")
+    tracing.add_argument(
+        "--perfetto", default=None, help="stop, decode: write a Perfetto trace here"
+    )
     tracing.add_argument("--since", type=int, default=0)
     tracing.add_argument("--limit", type=int, default=None)
     injecting = client_parser("inject", cmd_inject, "inject a fault, or clear injected ones")

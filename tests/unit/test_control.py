@@ -284,10 +284,11 @@ def test_trace_records_filter_and_write_perfetto_and_json_lines(
     result = call(client, "trace-set", enable=False, perfetto=str(out))
     assert result["written"] == len(records) and not trace.ENABLED
     timeline = json.loads(out.read_text())["traceEvents"]
-    names = {e["args"]["name"] for e in timeline if e["ph"] == "M"}
-    assert {"g0", "engine", "registers", "interrupts"} <= names
-    spans = [e for e in timeline if e["ph"] in "BE"]
-    assert len({(e["pid"], e["tid"]) for e in spans}) == 1, "commands on one engine track"
+    names = {e["args"]["name"] for e in timeline if e["name"] in ("process_name", "thread_name")}
+    assert {"g0", "ring 0", "engine", "interrupts", "reg CTX0_RING_TAIL"} <= names
+    commands = [e for e in timeline if e.get("cat") == "command"]
+    assert len(commands) == 2 and {e["ph"] for e in commands} == {"X"}, "begin + end: a slice"
+    assert len({(e["pid"], e["tid"]) for e in commands}) == 1, "commands on their ring's track"
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["seq"] for r in lines] == [r["seq"] for r in records]
     error = error_of(client, "trace-set", enable=True, kinds=["nope"])
