@@ -73,6 +73,9 @@ NO_CONTEXT = 0xFFFFFFFF
 # How long destruction waits for a worker to finish its current job.  Nothing it does
 # can block once message DMA is cancelled, so this is a bound on one command's work.
 STOP_TIMEOUT = 30.0
+# A plain int: comparing with an enum member costs a class attribute lookup (70 ns of
+# the 400 ns a trapped register read spends in the device).
+_BAR0 = int(PciRegion.BAR0)
 
 
 class GpuInstance(InstanceApi, WorkerHosts):
@@ -234,7 +237,7 @@ class GpuInstance(InstanceApi, WorkerHosts):
         return data
 
     def _region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index == PciRegion.BAR0:
+        if index == _BAR0:
             if count == 4 and not offset & 3 and offset not in DYNAMIC_OFFSETS:
                 return self.registers.values.get(offset, 0).to_bytes(4, "little")  # hot path
             with self._locked():
@@ -256,7 +259,7 @@ class GpuInstance(InstanceApi, WorkerHosts):
             )  # fmt: skip
         if self.faults.removed:
             return  # the device fell off the bus: writes go nowhere
-        if index == PciRegion.BAR0:
+        if index == _BAR0:
             with self._locked():
                 self.registers.write(offset, data)
         elif index == PciRegion.BAR2:
