@@ -20,6 +20,7 @@ from device.fuse.server import FuseUnavailable
 from device.gpu.memory.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
+from device.vfio_user import fast_path
 from device.vfio_user.server import SocketPathError
 
 DEFAULT_TYPE = "mgpu-256"
@@ -130,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         "dummy (a zero page) or report (all ones, and the FAULT interrupt)",
     )
     serve.add_argument(
+        "--poll-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="after answering a trapped access, poll the socket this many microseconds "
+        "for the next one before sleeping, while the client keeps sending within that "
+        "time (adaptive; default 0: off). Pays only when client and server run on "
+        "different CPUs whose idle wake-up is slow; costs CPU (bench: python -m bench)",
+    )
+    serve.add_argument(
         "--name", default=None, help="instance name used in logs (default: gpu0, gpu1, ...)"
     )
     serve.add_argument(
@@ -212,6 +223,7 @@ def serve(args: argparse.Namespace) -> int:
         if len(sockets) == 1 and args.name
         else [f"{args.name or 'gpu'}{i}" for i in range(len(sockets))]
     )
+    fast_path.POLL_US = max(0.0, args.poll_us)
     try:
         physical, type_name = make_physical(args, max(1, len(sockets)))
     except ValueError as exc:

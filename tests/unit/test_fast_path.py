@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,11 +22,13 @@ from hypothesis import strategies as st
 from device.gpu.instance.identity import VENDOR_ID
 from device.gpu.instance.instance import GpuInstance
 from device.gpu.regs import table as regs
+from device.vfio_user import fast_path
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.codec import FrameDecoder
 from device.vfio_user.protocol.constants import Command, HeaderFlags, PciRegion
 from device.vfio_user.server import Endpoint
 from device.vfio_user.session import Session
+from device.vfio_user.transport import Connection, ConnectionClosed
 from tests.helpers import wait_until
 from tests.unit.conftest import ServeInstance
 
@@ -84,8 +88,11 @@ class Twins:
         self.reference_device.close()
 
 
-@pytest.fixture
-def twins(serve_instance: ServeInstance) -> Iterator[Twins]:
+@pytest.fixture(params=[0.0, 200.0], ids=["blocking", "polling"])
+def twins(
+    serve_instance: ServeInstance, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Twins]:
+    monkeypatch.setattr(fast_path, "POLL_US", request.param)  # what serve --poll-us sets
     pair = Twins(serve_instance(aperture_size=APERTURE, name="fast"))
     yield pair
     pair.close()
@@ -185,3 +192,42 @@ def test_a_peer_that_closes_ends_the_session_quietly(twins: Twins) -> None:
     twins.sock.shutdown(socket.SHUT_RDWR)
     twins.client.close()
     wait_until(lambda: endpoint.clients_served > served, 5.0, "the session to end")
+
+
+def test_polling_catches_a_quick_client_and_stops_for_a_slow_one() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    device = GpuInstance("poll", aperture_size=APERTURE)
+    connection = Connection(ours)
+    session = Session(device, lambda data, fds: None)
+    session.negotiated = True
+    fast = fast_path.FastPath(connection, session, threading.Lock(), poll_us=20_000)
+    ended: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            fast.receive()
+        except ConnectionClosed as exc:  # the end of the test closes the socket
+            ended.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        read = ACCESS.pack(1, Command.REGION_READ, 32, 0, 0, SCRATCH, 0, 4)
+        for _ in range(50):  # quicker than the 20 ms budget: the reads are polled ones
+            theirs.sendall(read)
+            assert len(theirs.recv(64)) == 36
+        assert fast.polled_hits > 25
+        hits = fast.polled_hits
+        for _ in range(3):  # slower than the budget: it goes back to sleeping in recv
+            time.sleep(0.05)
+            theirs.sendall(read)
+            assert len(theirs.recv(64)) == 36
+        assert fast.polled_hits <= hits + 1
+        assert session.fast_answers == 53
+    finally:
+        theirs.close()
+        thread.join(5)
+        connection.close()
+        session.close()
+        device.close()
+    assert not thread.is_alive() and ended
