@@ -78,6 +78,34 @@ STOP_TIMEOUT = 30.0
 _BAR0 = int(PciRegion.BAR0)
 
 
+class _Locked:
+    """``GpuInstance._locked()``: a class, not a generator context manager, because the
+    engine takes the lock several times per command and a generator costs 1 us a time.
+    It keeps no state between enter and exit, so one object serves every thread."""
+
+    __slots__ = ("instance",)
+
+    def __init__(self, instance: GpuInstance) -> None:
+        self.instance = instance
+
+    def __enter__(self) -> None:
+        self.instance._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        instance = self.instance
+        try:
+            deferred = instance._deferred
+            if deferred:
+                instance._deferred = []
+            vectors = instance.interrupts.take_queued()
+        finally:
+            instance._lock.release()
+        for action in deferred:
+            action()
+        if vectors:
+            instance.interrupts.signal(vectors)
+
+
 class GpuInstance(InstanceApi, WorkerHosts):
     """The device model behind one vfio-user socket.
 
@@ -122,6 +150,7 @@ class GpuInstance(InstanceApi, WorkerHosts):
         self._static_view = self.private.view(0, self.aperture_size) if self.private else None
         self.resources = ResourceTable(name, self.instance_type.memory)
         self._lock = threading.Lock()
+        self._locked_block = _Locked(self)
         self._deferred: list[Callable[[], None]] = []
         self.faults = inject.Faults(name)  # what is injected (inject.py)
         self.listeners: list[EventListener] = []  # control-plane events (name, data)
@@ -168,16 +197,9 @@ class GpuInstance(InstanceApi, WorkerHosts):
 
     # ------------------------------------------------------------------ locking
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> _Locked:
         """Hold the instance lock; run deferred work and signal interrupts after it."""
-        with self._lock:
-            yield
-            deferred, self._deferred = self._deferred, []
-            vectors = self.interrupts.take_queued()
-        for action in deferred:
-            action()
-        self.interrupts.signal(vectors)
+        return self._locked_block
 
     def _defer(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the lock is released (lock held)."""
