@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         "first touch, validated and translated through the instance's page table; needs "
         "a FUSE mount, else trap is used with a message saying why), trap (every access "
         "is a message) or static (the instance's memory mapped 1:1 at realize, no checks: "
-        "the fast baseline)",
+        "the fast baseline). At mount, fault mode measures the page-cache granularity the "
+        "kernel gives FUSE files (a touch of a scratch file); where it exceeds 4 KiB "
+        "(FUSE large folios) it remounts with 4 KiB pinned (max_pages 1, max_read and "
+        "max_write 4 KiB), and the fault log says so (`mounted`, `pinned_4k`)",
     )
     serve.add_argument(
         "--denied",
