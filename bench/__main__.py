@@ -70,6 +70,12 @@ def _trace(args: argparse.Namespace) -> list[Row]:
     return trace.rows(args.quick)
 
 
+def _guest(args: argparse.Namespace) -> list[Row]:
+    from bench import guest
+
+    return guest.rows(args.quick, args.c_server)
+
+
 # name -> (runs in the quick run too, the group)
 GROUPS: dict[str, tuple[bool, Group]] = {
     "trapped": (True, _trapped),
@@ -78,6 +84,7 @@ GROUPS: dict[str, tuple[bool, Group]] = {
     "scale": (True, _scale),
     "mmu": (False, _mmu),
     "trace": (False, _trace),
+    "guest": (False, _guest),
 }
 
 
