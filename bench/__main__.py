@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(rows)} rows in {results['seconds']} s; targets missed ({len(missed)}): "
         f"{' '.join(missed) or 'none'}"
     )
-    print(f"worse than the reference by >30% ({len(worse)}): {' '.join(worse) or 'none'}")
+    print(f"vs ref: + worse, - better; >30% worse ({len(worse)}): {' '.join(worse) or 'none'}")
     for failure in failed:
         print(f"FAILED {failure}")
     print(f"JSON: {args.json}" + ("; reference updated" if args.update_reference else ""))

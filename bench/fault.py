@@ -236,7 +236,7 @@ def rows(quick: bool) -> list[Row]:
     if os.geteuid() != 0:
         raise RuntimeError("the fault rows need root (fault mode mounts FUSE)")
     size = 64 << 20
-    rounds = 3 if quick else 7
+    rounds = 5 if quick else 9
     with fault_instance(size) as bench:
         memfd, fresh, lived = bench.sequential(rounds)
         memfd_half, every_other = bench.every_other(rounds)

@@ -186,7 +186,7 @@ def measure(c_server: str | None, cpu: int | None, rounds: int, per_round: int) 
 
 
 def rows(quick: bool, c_server: str | None) -> list[Row]:
-    rounds, per_round = (10, 2000) if quick else (20, 5000)
+    rounds, per_round = (20, 2000) if quick else (30, 4000)
     found = {peer.name: peer for peer in measure(c_server, 0, rounds, per_round)}
     ours, echo = found["mgpu"], found["py echo"]
     result: list[Row] = []
