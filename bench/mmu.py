@@ -9,14 +9,15 @@ in the same run.
   pages are fenced and revoked around the command) against one that is not mapped,
   interleaved A B A B.
 
-    python -m bench.mmu [--pages 1024] [--rounds 9] [--json PATH]   (needs root: FUSE)
+Full run only.
+
+    python -m bench.mmu [--quick]   (needs root: FUSE)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import percentile, publish
-from bench.fault import PAGE, child, finish
+from bench.common import Row, row_from
 from device.control.manager import GpuServer
 from device.gpu.engine.commands import Opcode, encode
 from device.gpu.memory.physical import PhysicalGpu
@@ -36,15 +36,39 @@ from device.harness.driver import MgpuDriver
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
 
-ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+HOLDER = r"""
+import mmap, sys
+fd, size, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+m = mmap.mmap(fd, size, mmap.MAP_SHARED)
+for offset in range(0, size, 4096):
+    if mode == "touch":
+        m[offset]
+    else:
+        m[offset] = 1
+print("held", flush=True)
+sys.stdin.readline()  # keep the mapping until the parent has measured
+"""
 
 
-def row(samples: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(samples), 3),
-        "p99": round(percentile(samples, 0.99), 3),
-        "samples": len(samples),
-    }
+def child(fd: int, size: int, mode: str) -> tuple[subprocess.Popen[str], None]:
+    """A process that maps the aperture, touches (or dirties) every page and holds it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(fd), str(size), mode],
+        pass_fds=(fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "held":
+        raise RuntimeError("the page-holding child failed")
+    return proc, None
+
+
+def finish(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(30)
 
 
 def measure_moves(
@@ -85,25 +109,23 @@ def measure_copies(
             finish(proc)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pages", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "mmu.json")
-    args = parser.parse_args()
+def rows(quick: bool) -> list[Row]:
     if os.geteuid() != 0:
-        print("bench.mmu needs root (fault mode mounts FUSE)", file=sys.stderr)
-        return 2
-    size = args.pages * PAGE
+        raise RuntimeError("the mmu rows need root (fault mode mounts FUSE)")
+    pages, rounds = (256, 3) if quick else (1024, 9)
+    size = pages * PAGE
     quota = 1 << (4 * size - 1).bit_length()
     itype = InstanceType("bench", quota, 1, "benchmark")
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
-    results: dict[str, object] = {"benchmark": "mmu", "pages": args.pages}
     per_page: dict[str, list[float]] = {"numpy": [], "evict_clean": [], "evict_dirty": [],
                                         "page_in": []}  # fmt: skip
     copy_us: dict[str, list[float]] = {"unmapped": [], "mapped": []}
-    with GpuServer(PhysicalGpu(quota, 2, (itype,))) as server:
-        served = server.create_instance("b", "bench", workdir / "b.sock", mapping=MappingMode.FAULT)
+    with (
+        tempfile.TemporaryDirectory(prefix="mgpu-bench-") as workdir,
+        GpuServer(PhysicalGpu(quota, 2, (itype,))) as server,
+    ):
+        served = server.create_instance(
+            "b", "bench", Path(workdir) / "b.sock", mapping=MappingMode.FAULT
+        )
         device, physical = served.device, server.physical
         with VfioUserClient.connect(served.endpoint.path) as client:
             driver = MgpuDriver(client)
@@ -114,33 +136,28 @@ def main() -> int:
                 driver.run(encode(Opcode.FILL, handle=handle, length=size, value=0x01020304))
             at = driver.place(mapped)
             resource = device.resources.get(mapped)
-            for _ in range(args.rounds):
-                measure_moves(physical, resource, fd, at + size, args.pages, per_page)
+            for _ in range(rounds):
+                measure_moves(physical, resource, fd, at + size, pages, per_page)
                 measure_copies(driver, (plain, mapped), target, fd, at + size, copy_us)
             os.close(fd)
             driver.close()
-    os.rmdir(workdir)
-    baseline = statistics.median(per_page["numpy"])
-    for kind, samples in per_page.items():
-        results[f"{kind}_us_per_page"] = row(samples)
-        results[f"ratio_{kind}_to_numpy"] = round(statistics.median(samples) / baseline, 2)
-    for kind, samples in copy_us.items():
-        results[f"copy_{kind}_us"] = row(samples)
-    results["ratio_copy_mapped_to_unmapped"] = round(
-        statistics.median(copy_us["mapped"]) / statistics.median(copy_us["unmapped"]), 2
-    )
-    print(f"{'path':<22}{'median':>12}{'p99':>12}{'ratio':>9}")
-    for kind, samples in per_page.items():
-        data = row(samples)
-        print(f"{kind + ' us/page':<22}{data['median']:>12.3f}{data['p99']:>12.3f}"
-              f"{results[f'ratio_{kind}_to_numpy']:>9}")  # fmt: skip
-    for kind, samples in copy_us.items():
-        data = row(samples)
-        print(f"{'copy ' + kind + ' us':<22}{data['median']:>12.1f}{data['p99']:>12.1f}")
-    print(f"copy of a mapped, guest-cached resource / unmapped: "
-          f"{results['ratio_copy_mapped_to_unmapped']}x")  # fmt: skip
-    publish(results, args.json)
-    return 0
+    numpy = per_page["numpy"]
+    return [
+        row_from("mmu.evict_clean", "mmu: evict, clean", "us/page", per_page["evict_clean"],
+                 numpy, baseline_label="numpy copy"),
+        row_from("mmu.evict_dirty", "mmu: evict, guest dirtied", "us/page",
+                 per_page["evict_dirty"], numpy, baseline_label="numpy copy"),
+        row_from("mmu.page_in", "mmu: page in", "us/page", per_page["page_in"], numpy,
+                 baseline_label="numpy copy"),
+        row_from("mmu.copy_mapped", "mmu: engine copy of a mapped res", "us",
+                 copy_us["mapped"], copy_us["unmapped"], baseline_label="unmapped"),
+    ]  # fmt: skip
+
+
+def main() -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(["--only", "mmu", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -16,23 +16,22 @@ Each sample is the mean of a batch; the table shows the median and p99 of the sa
 and the ratio of each build to ``stubbed`` (target for ``off``: within 2 %, i.e.
 negligible against run-to-run noise).
 
-    python -m bench.trace [--rounds 30] [--batch 2000] [--json PATH]
+Full run only.
+
+    python -m bench.trace [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from bench.common import percentile, publish
+from bench.common import Row, row_from
 from device import trace
 from device.control.manager import GpuServer
 from device.gpu.instance.instance import GpuInstance
@@ -42,7 +41,6 @@ from device.gpu.regs.file import DYNAMIC_OFFSETS
 from device.vfio_user.client import VfioUserClient
 from device.vfio_user.protocol.constants import PciRegion
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = regs.BY_NAME["SCRATCH"].offset
 
 
@@ -70,16 +68,6 @@ def build(device: GpuInstance, variant: str) -> None:
         trace.clear()
 
 
-def row(samples_s: list[float], baseline: list[float]) -> dict[str, float]:
-    median = statistics.median(samples_s)
-    return {
-        "median_ns": round(median * 1e9, 1),
-        "p99_ns": round(percentile(samples_s, 0.99) * 1e9, 1),
-        "ratio_to_stubbed": round(median / statistics.median(baseline), 4),
-        "samples": len(samples_s),
-    }
-
-
 def measure(
     device: GpuInstance, op: Callable[[], object], rounds: int, batch: int
 ) -> dict[str, list[float]]:
@@ -97,42 +85,49 @@ def measure(
     return samples
 
 
+def rows(quick: bool) -> list[Row]:
+    rounds, batch = (5, 1000) if quick else (30, 2000)
+    os.sched_setaffinity(0, {0})
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="mgpu-bench-") as workdir,
+            GpuServer(PhysicalGpu(64 << 20)) as server,
+        ):
+            served = server.create_instance("bench", "mgpu-64", Path(workdir) / "gpu.sock")
+            device = served.device
+            with VfioUserClient.connect(served.endpoint.path) as client:
+                round_trip = measure(
+                    device, lambda: client.read32(PciRegion.BAR0, SCRATCH), rounds, batch
+                )
+                direct = measure(
+                    device, lambda: device.region_read(PciRegion.BAR0, SCRATCH, 4), rounds,
+                    batch * 50,
+                )  # fmt: skip
+            server.destroy_instance("bench")
+    finally:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    ns = [1e9]
+    return [
+        row_from("trace.off_round_trip", "trace off: register round trip", "ns",
+                 _scaled(round_trip["off"], ns), _scaled(round_trip["stubbed"], ns),
+                 baseline_label="no hooks", target=1.02),
+        row_from("trace.on_round_trip", "trace on: register round trip", "ns",
+                 _scaled(round_trip["on"], ns), _scaled(round_trip["stubbed"], ns),
+                 baseline_label="no hooks"),
+        row_from("trace.off_direct", "trace off: region_read in-process", "ns",
+                 _scaled(direct["off"], ns), _scaled(direct["stubbed"], ns),
+                 baseline_label="no hooks"),
+    ]  # fmt: skip
+
+
+def _scaled(samples: list[float], factor: list[float]) -> list[float]:
+    return [s * factor[0] for s in samples]
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=2000)
-    parser.add_argument("--cpu", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "trace.json")
-    args = parser.parse_args()
-    os.sched_setaffinity(0, {args.cpu})
-    workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
-    results: dict[str, Any] = {"benchmark": "trace", "cpu": args.cpu, "batch": args.batch}
-    with GpuServer(PhysicalGpu(64 << 20)) as server:
-        served = server.create_instance("bench", "mgpu-64", workdir / "gpu.sock")
-        device = served.device
-        with VfioUserClient.connect(served.endpoint.path) as client:
-            paths: dict[str, Callable[[], object]] = {
-                "round_trip": lambda: client.read32(PciRegion.BAR0, SCRATCH),
-                "direct": lambda: device.region_read(PciRegion.BAR0, SCRATCH, 4),
-            }
-            for name, op in paths.items():
-                batch = args.batch if name == "round_trip" else args.batch * 50
-                samples = measure(device, op, args.rounds, batch)
-                results[name] = {v: row(s, samples["stubbed"]) for v, s in samples.items()}
-        server.destroy_instance("bench")
-    workdir.rmdir()
-    print(f"{'path':<12}{'build':<9}{'median ns':>11}{'p99 ns':>10}{'x stubbed':>11}")
-    for name in ("round_trip", "direct"):
-        for variant, r in results[name].items():
-            print(
-                f"{name:<12}{variant:<9}{r['median_ns']:>11.1f}{r['p99_ns']:>10.1f}"
-                f"{r['ratio_to_stubbed']:>11.3f}"
-            )
-    off = results["round_trip"]["off"]["ratio_to_stubbed"]
-    print(f"tracing off costs {100 * (off - 1):+.1f} % on a register round trip (target <= 2 %)")
-    results["targets"] = {"round_trip_off_ratio_max": 1.02}
-    publish(results, args.json)
-    return 0
+    from bench.__main__ import main as bench_main
+
+    return bench_main(["--only", "trace", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

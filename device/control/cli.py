@@ -23,6 +23,7 @@ from device.fuse.server import FuseUnavailable
 from device.gpu.memory.physical import DEFAULT_CONTEXTS, DEFAULT_MEMORY, PhysicalGpu
 from device.gpu.modes import DeniedPolicy, InterruptMode, MappingMode
 from device.gpu.types import DEFAULT_TYPES, MAX_CONTEXTS_PER_INSTANCE, InstanceType
+from device.vfio_user import fast_path
 from device.vfio_user.server import SocketPathError
 
 DEFAULT_TYPE = "mgpu-256"
@@ -135,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "first touch, validated and translated through the instance's page table; needs "
         "a FUSE mount, else trap is used with a message saying why), trap (every access "
         "is a message) or static (the instance's memory mapped 1:1 at realize, no checks: "
-        "the fast baseline)",
+        "the fast baseline). At mount, fault mode measures the page-cache granularity the "
+        "kernel gives FUSE files (a touch of a scratch file); where it exceeds 4 KiB "
+        "(FUSE large folios) it remounts with 4 KiB pinned (max_pages 1, max_read and "
+        "max_write 4 KiB), and the fault log says so (`mounted`, `pinned_4k`)",
     )
     serve.add_argument(
         "--denied",
@@ -163,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[HOST:]PORT",
         help="serve one web page showing every instance's display live at "
         "http://HOST:PORT/ (HOST defaults to 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--poll-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="after answering a trapped access, poll the socket this many microseconds "
+        "for the next one before sleeping, while the client keeps sending within that "
+        "time (adaptive; default 0: off). Pays only when client and server run on "
+        "different CPUs whose idle wake-up is slow; costs CPU (bench: python -m bench)",
     )
     serve.add_argument(
         "--name", default=None, help="instance name used in logs (default: gpu0, gpu1, ...)"
@@ -259,6 +273,7 @@ def serve(args: argparse.Namespace) -> int:
         if len(sockets) == 1 and args.name
         else [f"{args.name or 'gpu'}{i}" for i in range(len(sockets))]
     )
+    fast_path.POLL_US = max(0.0, args.poll_us)
     try:
         physical, type_name = make_physical(args, max(1, len(sockets)))
     except ValueError as exc:

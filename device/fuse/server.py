@@ -31,17 +31,21 @@ from collections.abc import Callable
 from typing import Protocol
 
 from device.errors import SetupError
+from device.fuse import granularity
 from device.fuse import protocol as p
 
 log = logging.getLogger(__name__)
 
 FILE_INODE = 2
 FILE_NAME = b"aperture"
+PROBE_INODE = 3  # the scratch file of the page-cache self-test (granularity.py)
+PROBE_NAME = b"page-cache-probe"
 MAX_WRITE = 1024 * 1024
 BUFFER_SIZE = MAX_WRITE + 64 * 1024
 MS_NOSUID, MS_NODEV = 2, 4
 MNT_DETACH = 2
 
+_FILE = p.S_IFREG | 0o600
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 # A request handler: (unique, nodeid, body after the header) -> the reply.
@@ -52,13 +56,13 @@ class FuseUnavailable(SetupError):
     """A FUSE mount cannot be made here; the message says why and what to do."""
 
 
-def _mount_as_root(mountpoint: str) -> int:
+def _mount_as_root(mountpoint: str, max_read: int) -> int:
     try:
         fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise FuseUnavailable(f"cannot open /dev/fuse: {exc.strerror}") from None
     options = (
-        f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={MAX_WRITE}"
+        f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={max_read}"
     ).encode()
     if _libc.mount(b"mgpu", mountpoint.encode(), b"fuse.mgpu", MS_NOSUID | MS_NODEV, options) != 0:
         error = ctypes.get_errno()
@@ -67,7 +71,7 @@ def _mount_as_root(mountpoint: str) -> int:
     return fuse_fd
 
 
-def _mount_with_fusermount(mountpoint: str) -> int:
+def _mount_with_fusermount(mountpoint: str, max_read: int) -> int:
     """Without root, the setuid fusermount3 mounts and hands us the /dev/fuse fd back
     over a socket (libfuse's _FUSE_COMMFD protocol)."""
     fusermount = shutil.which("fusermount3")
@@ -80,7 +84,7 @@ def _mount_with_fusermount(mountpoint: str) -> int:
     with ours, theirs:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
         result = subprocess.run(
-            [fusermount, "-o", f"fsname=mgpu,subtype=mgpu,max_read={MAX_WRITE}", "--", mountpoint],
+            [fusermount, "-o", f"fsname=mgpu,subtype=mgpu,max_read={max_read}", "--", mountpoint],
             env=env,
             pass_fds=(theirs.fileno(),),
             capture_output=True,
@@ -125,11 +129,22 @@ class ApertureBackend(Protocol):
 
 
 class FuseAperture:
-    def __init__(self, name: str, size: int, backend: ApertureBackend, threads: int = 3) -> None:
+    def __init__(
+        self, name: str, size: int, backend: ApertureBackend, threads: int = 3,
+        pin_pages: bool | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.size = size
         self.backend = backend
         self.thread_count = threads
+        # Page-cache granularity (granularity.py): measured at mount; 4 KiB folios are
+        # pinned (one-page reads and writes) if the kernel gives larger ones.  None:
+        # pin only then; True: always (tests); False: never.
+        self.pin_pages = pin_pages
+        self.io_size = MAX_WRITE  # max_read, max_write and max_pages in bytes
+        self.granularity = 0  # bytes, as measured at mount
+        self.unpinned_granularity = 0  # what the first mount measured, before any pin
+        self._probe = granularity.Probe()
         self.fuse_fd = -1
         self.file_fd = -1
         self.requests = 0
@@ -156,12 +171,48 @@ class FuseAperture:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def pinned(self) -> bool:
+        return self.io_size == granularity.PAGE
+
     def start(self) -> int:
-        """Mount, serve, open the aperture file, detach; returns the file's fd."""
+        """Mount, serve, open the aperture file, measure the page-cache granularity
+        (remounting with 4 KiB pinned if it is larger), detach; returns the file's fd."""
+        if self.pin_pages:
+            self.io_size = granularity.PAGE
+        self._start()
+        self.unpinned_granularity = self.granularity
+        if self.granularity > granularity.PAGE and self.pin_pages is None:
+            log.warning(
+                "%s: this kernel caches FUSE files in %d-byte folios; remounting with "
+                "4 KiB pinned (max_pages 1, max_read/max_write 4 KiB): faults stay "
+                "page-granular, sequential first touches cost one READ per page",
+                self.name, self.granularity,
+            )  # fmt: skip
+            self.close()
+            self.io_size = granularity.PAGE
+            self._start()
+        if self.granularity > granularity.PAGE and self.pin_pages is not False:
+            seen = self.granularity
+            self.close()
+            raise FuseUnavailable(
+                f"the kernel caches FUSE files in {seen}-byte folios even with one-page "
+                "reads pinned: fault mode cannot validate single pages here; use trap mode"
+            )
+        log.info(
+            "%s: FUSE page-cache granularity %d bytes%s", self.name, self.granularity,
+            " (4 KiB pinned)" if self.pinned else "",
+        )  # fmt: skip
+        return self.file_fd
+
+    def _start(self) -> None:
         mountpoint = tempfile.mkdtemp(prefix=f"mgpu-{self.name}-")
         privileged = os.geteuid() == 0
+        self._stopping = False
+        self._probe = granularity.Probe()
+        mount = _mount_as_root if privileged else _mount_with_fusermount
         try:
-            self.fuse_fd = (_mount_as_root if privileged else _mount_with_fusermount)(mountpoint)
+            self.fuse_fd = mount(mountpoint, self.io_size)
             for n in range(self.thread_count):
                 thread = threading.Thread(
                     target=self._serve, name=f"{self.name}-fuse{n}", daemon=True
@@ -172,13 +223,14 @@ class FuseAperture:
                 os.path.join(mountpoint, FILE_NAME.decode()), os.O_RDWR | os.O_CLOEXEC
             )
             self.connection = os.minor(os.fstat(self.file_fd).st_dev)
+            probe_path = os.path.join(mountpoint, PROBE_NAME.decode())
+            self.granularity = granularity.measure(probe_path, self._probe)
         except BaseException:
             self.close()
             raise
         finally:
             _detach(mountpoint, privileged)
             shutil.rmtree(mountpoint, ignore_errors=True)
-        return self.file_fd
 
     def abort(self) -> None:
         """Abort the connection: every waiter on it (a stuck QEMU too) gets an error
@@ -273,8 +325,15 @@ class FuseAperture:
     # One handler per opcode, keyed in ``_handlers``; READ (a fault) and WRITE (a
     # writeback) are the hot ones.
 
-    def _read(self, unique: int, _nodeid: int, body: memoryview) -> bytes | None:
+    def _read(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        if nodeid == PROBE_INODE:
+            answer = self._probe.read(offset, size)
+            return (
+                p.reply(unique, error=answer)
+                if isinstance(answer, int)
+                else p.reply(unique, answer)
+            )
         size = max(0, min(size, self.size - offset))
         if not size:
             return p.reply(unique, b"")
@@ -297,8 +356,10 @@ class FuseAperture:
             if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 log.warning("%s: late FUSE reply failed: %s", self.name, exc)
 
-    def _write(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
+    def _write(self, unique: int, nodeid: int, body: memoryview) -> bytes:
         _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
+        if nodeid == PROBE_INODE:
+            return p.reply(unique, p.WRITE_OUT.pack(size, 0))  # scratch: nothing kept
         data = bytes(body[p.WRITE_IN.size : p.WRITE_IN.size + size])
         if offset + size > self.size:
             return p.reply(unique, error=errno.EFBIG)
@@ -309,18 +370,22 @@ class FuseAperture:
         major, _minor, _readahead, _flags = p.INIT_IN.unpack_from(body)
         if major != p.KERNEL_MAJOR:
             return p.reply(unique, error=errno.EPROTO)
-        return p.reply(unique, p.init_out(MAX_WRITE, MAX_WRITE // 4096))
+        return p.reply(unique, p.init_out(self.io_size, self.io_size // granularity.PAGE))
 
     def _lookup(self, unique: int, nodeid: int, body: memoryview) -> bytes:
         name = bytes(body).split(b"\0", 1)[0]
         if nodeid == p.ROOT_INODE and name == FILE_NAME:
             return p.reply(unique, p.entry_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
+        if nodeid == p.ROOT_INODE and name == PROBE_NAME:
+            return p.reply(unique, p.entry_out(PROBE_INODE, granularity.PROBE_SIZE, _FILE))
         return p.reply(unique, error=errno.ENOENT)
 
     def _getattr(self, unique: int, nodeid: int, _body: memoryview) -> bytes:
         if nodeid == p.ROOT_INODE:
             return p.reply(unique, p.attr_out(p.ROOT_INODE, 0, p.S_IFDIR | 0o700))
-        return p.reply(unique, p.attr_out(FILE_INODE, self.size, p.S_IFREG | 0o600))
+        if nodeid == PROBE_INODE:
+            return p.reply(unique, p.attr_out(PROBE_INODE, granularity.PROBE_SIZE, _FILE))
+        return p.reply(unique, p.attr_out(FILE_INODE, self.size, _FILE))
 
     def _open(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
         # KEEP_CACHE: an open must not drop pages other processes have mapped.

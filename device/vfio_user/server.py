@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from device.errors import FramingError, SetupError
+from device.vfio_user.fast_path import FastPath
 from device.vfio_user.session import DeviceModel, Session
 from device.vfio_user.transport import Connection, ConnectionClosed
 
@@ -131,9 +132,10 @@ class Endpoint:
         return send
 
     def _run_session(self, connection: Connection, session: Session) -> None:
+        fast = FastPath(connection, session, self._send_lock)  # answers trapped accesses
         while True:
             try:
-                frames = connection.receive()
+                frames = fast.receive()
             except ConnectionClosed:
                 return
             except FramingError as exc:

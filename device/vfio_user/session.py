@@ -129,6 +129,7 @@ class Session:
         self.dma = DmaTable()
         self.irqs = IrqLines(device.irq_infos())
         self.messages_handled = 0
+        self.fast_answers = 0  # of them, answered by the fast path (fast_path.py)
         self.errors_replied = 0
         self._handlers: dict[int, Callable[[Incoming], Reply]] = {
             Command.VERSION: self._version,
@@ -275,20 +276,8 @@ class Session:
                 m.encode_message(header.msg_id, header.command, reply.payload, reply=True),
                 reply.fds,
             )
-        except (ProtocolError, VfioUserError) as exc:
-            log.info(
-                "command %s id=%d refused: %s (errno %d)",
-                _command_name(header.command),
-                header.msg_id,
-                exc,
-                exc.errno,
-            )
-            result = self._error(header, exc.errno)
-        except Exception:
-            log.exception(
-                "bug while handling command %s id=%d", _command_name(header.command), header.msg_id
-            )
-            result = self._error(header, errno.EIO)
+        except Exception as exc:
+            result = self.failed(header, exc)
         finally:
             if frame.fds and not incoming.fds_taken:
                 close_fds(frame.fds)
@@ -296,6 +285,21 @@ class Session:
         if header.no_reply:
             return None
         return result
+
+    def failed(self, header: m.Header, exc: Exception) -> Outgoing:
+        """The error reply to a message whose handling raised ``exc`` (logged): the
+        errno of a refusal, EIO for anything else (a bug)."""
+        if isinstance(exc, ProtocolError | VfioUserError):
+            log.info(
+                "command %s id=%d refused: %s (errno %d)",
+                _command_name(header.command), header.msg_id, exc, exc.errno,
+            )  # fmt: skip
+            return self._error(header, exc.errno)
+        log.error(
+            "bug while handling command %s id=%d",
+            _command_name(header.command), header.msg_id, exc_info=exc,
+        )  # fmt: skip
+        return self._error(header, errno.EIO)
 
     def _error(self, header: m.Header, error: int) -> Outgoing:
         self.errors_replied += 1

@@ -17,12 +17,13 @@ RECV_CHUNK = 256 * 1024
 # the process is at its fd limit), which is the likelier cause with our peers.
 MAX_FDS_PER_READ = 64
 _FD_SIZE = array.array("i").itemsize
-_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
+ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD_SIZE)
 # Plain ints: the socket module's flag enums cost microseconds per operation.
-_MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
+MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_NO_FDS: list[int] = []  # never appended to: read() hands it out for fd-less reads
 
 
 class ConnectionClosed(ConnectionError):
@@ -38,8 +39,8 @@ class Connection:
         self.decoder = FrameDecoder(max_message_size)
         # One receive buffer for the connection's life: recvmsg() would allocate (and
         # for this size mmap) a fresh one per call, which costs more than the message.
-        self._buffer = bytearray(RECV_CHUNK)
-        self._view = memoryview(self._buffer)
+        self.buffer = bytearray(RECV_CHUNK)
+        self._view = memoryview(self.buffer)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -47,24 +48,38 @@ class Connection:
     def receive(self) -> list[Frame]:
         """Block until at least one byte arrives; return the whole frames now complete."""
         while True:
-            try:
-                size, ancdata, msg_flags, _ = self.sock.recvmsg_into(
-                    [self._view], _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC
-                )
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                raise ConnectionClosed(str(exc)) from None
-            fds = _fds_from_ancillary(ancdata) if ancdata else []
-            if msg_flags & _MSG_CTRUNC:
-                close_fds(fds)
-                raise FramingError(_fds_lost_reason(len(fds)))
-            if not size:
-                close_fds(fds)
-                raise ConnectionClosed("peer closed the connection")
+            size, fds = self.read()
             frames = self.decoder.feed(self._view[:size], fds)
             if frames:
                 return frames
 
-    def send(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
+    def read(self, flags: int = 0) -> tuple[int, list[int]]:
+        """One read of the socket into ``buffer``: how many bytes came, and the fds that
+        came with them.  The bytes are the caller's to parse or to hand to ``decoder``
+        before the next read; raises ConnectionClosed at end of stream (and, with
+        MSG_DONTWAIT in ``flags``, BlockingIOError when nothing is there)."""
+        try:
+            size, ancdata, msg_flags, _ = self.sock.recvmsg_into(
+                [self._view], ANCILLARY_SIZE, MSG_CMSG_CLOEXEC | flags
+            )
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise ConnectionClosed(str(exc)) from None
+        return self.checked(size, ancdata, msg_flags)
+
+    def checked(
+        self, size: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int
+    ) -> tuple[int, list[int]]:
+        """What one ``recvmsg_into`` of ours returned, checked: (size, fds)."""
+        fds = _fds_from_ancillary(ancdata) if ancdata else _NO_FDS
+        if msg_flags & MSG_CTRUNC:
+            close_fds(fds)
+            raise FramingError(_fds_lost_reason(len(fds)))
+        if not size:
+            close_fds(fds)
+            raise ConnectionClosed("peer closed the connection")
+        return size, fds
+
+    def send(self, data: bytes | memoryview, fds: tuple[int, ...] | list[int] = ()) -> None:
         try:
             if fds:
                 ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]

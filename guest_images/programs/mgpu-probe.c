@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/io.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -260,21 +261,57 @@ static int compare_doubles(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* The start, size and flags of BAR ``index`` from sysfs ``resource``. */
+static void bar_resource(const char *bdf, int index, unsigned long long *start,
+                         unsigned long long *size, unsigned long long *flags)
+{
+    char path[256];
+    unsigned long long end = 0;
+    snprintf(path, sizeof(path), SYSFS "/%s/resource", bdf);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        die("cannot read %s: %s", path, strerror(errno));
+    for (int i = 0; i <= index; i++)
+        if (fscanf(f, "%llx %llx %llx", start, &end, flags) != 3)
+            die("no BAR %d in %s", index, path);
+    fclose(f);
+    *size = (*start || end) ? end - *start + 1 : 0;
+}
+
+#define IORESOURCE_IO 0x100
+
+/* Times trapped 32-bit reads: MMIO through the sysfs mapping, or port I/O (inl) for
+ * an I/O BAR (libvfio-user's gpio sample has one), each a message to the server. */
 static int cmd_latency(const char *bdf, int index, uint64_t offset, long count)
 {
-    struct bar bar = map_bar(bdf, index);
-    check_range(&bar, offset, 4);
+    unsigned long long start, size, flags;
+    bar_resource(bdf, index, &start, &size, &flags);
+    int io = (flags & IORESOURCE_IO) != 0;
+    struct bar bar = { NULL, size };
+    if (io) {
+        enable_device(bdf);
+        check_range(&bar, offset, 4);
+        if (ioperm(start, size, 1) < 0)
+            die("cannot get port access to 0x%llx+0x%llx: %s", start, size, strerror(errno));
+    } else {
+        bar = map_bar(bdf, index);
+        check_range(&bar, offset, 4);
+    }
     if (count <= 0 || count > 1000000)
         die("count must be 1..1000000");
     double *samples = calloc(count, sizeof(double)), total = 0;
     for (long i = 0; i < count; i++) {
         double t0 = now_ns();
-        (void)rd32(&bar, offset);
+        if (io)
+            (void)inl((unsigned short)(start + offset));
+        else
+            (void)rd32(&bar, offset);
         samples[i] = now_ns() - t0;
         total += samples[i];
     }
     qsort(samples, count, sizeof(double), compare_doubles);
     printf("MGPU-RESULT count=%ld\n", count);
+    printf("MGPU-RESULT io_port=%d\n", io);
     printf("MGPU-RESULT min_ns=%.0f\n", samples[0]);
     printf("MGPU-RESULT median_ns=%.0f\n", samples[count / 2]);
     printf("MGPU-RESULT p99_ns=%.0f\n", samples[(long)(count * 0.99)]);

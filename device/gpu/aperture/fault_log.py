@@ -23,7 +23,8 @@ class FaultRecord(NamedTuple):  # a NamedTuple: one is made per fault, on the ho
     time: float  # time.monotonic()
     instance: str
     # served, denied, dummy, reported, revoked, written_back, write_dropped,
-    # paged_in, evicted
+    # paged_in, evicted; mounted (length: the page-cache granularity in bytes) and
+    # pinned_4k (length: the larger granularity the kernel gave before 4 KiB was pinned)
     kind: str
     offset: int  # aperture offset
     length: int

@@ -106,6 +106,10 @@ class Aperture:
         if mode is MappingMode.FAULT:
             self.fuse = FuseAperture(name, self.size, self)
             self.file_fd = self.fuse.start()
+            # The page-cache granularity the mount measured (and pinned, if it had to).
+            if self.fuse.unpinned_granularity != self.fuse.granularity:
+                self.log.add("pinned_4k", 0, self.fuse.unpinned_granularity)
+            self.log.add("mounted", 0, self.fuse.granularity)
 
     # ------------------------------------------------------------------ validate_map_request
 

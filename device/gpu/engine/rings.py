@@ -38,6 +38,9 @@ class Job:
     ring_offset: int
 
 
+_IDLE, _BUSY = int(RingStatus.IDLE), int(RingStatus.BUSY)
+
+
 class Ring:
     def __init__(self, context: int, registers: RegisterFile, report: ErrorReporter) -> None:
         self.context = context
@@ -105,7 +108,8 @@ class Ring:
 
     def take(self) -> Job | None:
         """The command at HEAD, marking the ring BUSY; None when there is none."""
-        if self.status not in (RingStatus.IDLE, RingStatus.BUSY):
+        status = self._get(self.offsets.status)  # an int: an enum is built per call
+        if status != _IDLE and status != _BUSY:
             return None
         head, tail = self._get(self.offsets.head), self._get(self.offsets.tail)
         if tail >= self.size or tail % COMMAND_SIZE:

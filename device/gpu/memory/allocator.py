@@ -37,10 +37,11 @@ class PageAllocator:
         self._free_starts: list[int] = [base]
         self._free_sizes: dict[int, int] = {base: size}
         self._allocated: dict[int, int] = {}
+        self._free_total = size  # kept, not summed: every pool allocation asks for it
 
     @property
     def free_bytes(self) -> int:
-        return sum(self._free_sizes.values())
+        return self._free_total
 
     @property
     def largest_free(self) -> int:
@@ -66,6 +67,7 @@ class PageAllocator:
                 self._free_starts[i] = start + wanted
                 self._free_sizes[start + wanted] = run - wanted
             self._allocated[start] = wanted
+            self._free_total -= wanted
             return Extent(start, wanted)
         raise OutOfMemory(
             f"no free run of {wanted} bytes ({self.free_bytes} free, "
@@ -103,6 +105,7 @@ class PageAllocator:
             self._free_starts[i] = start + size
             self._free_sizes[start + size] = run - size
         self._allocated[start] = size
+        self._free_total -= size
         return Extent(start, size)
 
     def free(self, extent: Extent) -> None:
@@ -110,6 +113,7 @@ class PageAllocator:
             raise ValueError(f"{extent} is not an allocation of this allocator")
         del self._allocated[extent.offset]
         start, size = extent.offset, extent.size
+        self._free_total += size
         i = bisect.bisect_left(self._free_starts, start)
         # Merge with the following run.
         if i < len(self._free_starts) and self._free_starts[i] == start + size:
